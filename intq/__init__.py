@@ -1,0 +1,1 @@
+"""intq: an integer-only inference compiler."""
