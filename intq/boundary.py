@@ -1,0 +1,180 @@
+"""The boundary of an integer graph: the input quantizer and the output dequantizer.
+
+This is the only place float arithmetic happens at run time, before the first integer op and
+after the last. numpy only, so the runtime-only loader shares it with `CompiledModel` and the
+reference interpreter. Input quantization is symmetric: q = clip(floor(x / s + 1/2), lo, hi).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from intq.errors import InputSignatureError
+
+_DT = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "int32": (-(2**31), 2**31 - 1)}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: the float tensor the user passes and how it becomes an integer tensor.
+
+    `scale is None` means the input is already integer (e.g. token ids) and passes through,
+    checked for dtype and range.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # what the user passes, e.g. "float32" or "int64"
+    qdtype: str  # what the integer graph reads, e.g. "int8"
+    scale: float | None
+
+    def signature(self) -> str:
+        return f"{self.name}: {self.dtype}{list(self.shape)}"
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """A graph output: integer dtype and the scale(s) that turn it into float (x * scale)."""
+
+    name: str
+    shape: tuple[int, ...]
+    qdtype: str
+    scale: float | list[float] | None
+    axis: int = -1
+
+
+METADATA_KEY = "intq"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Compile-time metadata of an integer graph: its boundary and its static batch size.
+
+    Stored as JSON in the integer ONNX model's metadata_props[METADATA_KEY] and beside every
+    exported artifact; scales live here and nowhere in the graph.
+    """
+
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[OutputSpec, ...]
+    batch: int
+
+    def to_json(self) -> str:
+        def enc(s: InputSpec | OutputSpec) -> dict[str, Any]:
+            d = asdict(s)
+            d["shape"] = list(s.shape)
+            return d
+
+        return json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "batch": self.batch,
+                "inputs": [enc(s) for s in self.inputs],
+                "outputs": [enc(s) for s in self.outputs],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Signature:
+        d = json.loads(text)
+        if d.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unsupported intq metadata format {d.get('format')!r}")
+        ins = tuple(
+            InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i["qdtype"], i["scale"])
+            for i in d["inputs"]
+        )
+        outs = tuple(
+            OutputSpec(o["name"], tuple(o["shape"]), o["qdtype"], o["scale"], o.get("axis", -1))
+            for o in d["outputs"]
+        )
+        return cls(ins, outs, int(d["batch"]))
+
+    def describe(self) -> str:
+        return ", ".join(s.signature() for s in self.inputs)
+
+
+def quantize_input(x: np.ndarray, scale: float, qdtype: str) -> np.ndarray:
+    """q = clip(floor(x / scale + 0.5), lo, hi) computed in float64, cast to `qdtype`."""
+    lo, hi = _DT[qdtype]
+    q = np.floor(np.asarray(x, dtype=np.float64) / scale + 0.5)
+    return np.clip(q, lo, hi).astype(qdtype)
+
+
+def check_batch_inputs(specs: tuple[InputSpec, ...] | list[InputSpec], inputs: tuple[Any, ...]) -> list[np.ndarray]:
+    """Validate user inputs against the signature; the leading (batch) dim may differ, but must
+    agree across inputs. Raises InputSignatureError naming the input and the signature."""
+    sig = ", ".join(s.signature() for s in specs)
+    if len(inputs) != len(specs):
+        raise InputSignatureError(f"expected {len(specs)} input(s) ({sig}), got {len(inputs)}")
+    arrays = []
+    batch = None
+    for spec, x in zip(specs, inputs, strict=True):
+        if hasattr(x, "detach"):  # a torch tensor
+            x = x.detach().cpu().numpy()
+        x = np.asarray(x)
+        if x.dtype.kind != np.dtype(spec.dtype).kind:
+            raise InputSignatureError(
+                f"input {spec.name!r} has dtype {x.dtype}, expected {spec.dtype} (signature: {sig})"
+            )
+        if x.ndim != len(spec.shape) or tuple(x.shape[1:]) != tuple(spec.shape[1:]):
+            raise InputSignatureError(
+                f"input {spec.name!r} has shape {list(x.shape)}, expected "
+                f"[batch, {', '.join(map(str, spec.shape[1:]))}] (signature: {sig})"
+            )
+        if batch is not None and x.shape[0] != batch:
+            raise InputSignatureError(f"inputs disagree on batch size ({batch} vs {x.shape[0]})")
+        batch = x.shape[0]
+        if spec.scale is None:
+            lo, hi = _DT.get(spec.qdtype, (None, None))
+            if lo is not None and x.size and (x.min() < lo or x.max() > hi):
+                raise InputSignatureError(f"input {spec.name!r} has values outside {spec.qdtype}")
+        elif not np.all(np.isfinite(x)):
+            raise InputSignatureError(f"input {spec.name!r} holds NaN or infinity")
+        arrays.append(x)
+    return arrays
+
+
+def quantize_inputs(specs: tuple[InputSpec, ...] | list[InputSpec], arrays: list[np.ndarray]) -> list[np.ndarray]:
+    return [
+        quantize_input(x, s.scale, s.qdtype) if s.scale is not None else x.astype(s.qdtype)
+        for s, x in zip(specs, arrays, strict=True)
+    ]
+
+
+def dequantize(y: np.ndarray, spec: OutputSpec) -> np.ndarray:
+    """Float value of an integer output: y * scale (per-channel scales broadcast along axis)."""
+    if spec.scale is None:
+        return np.asarray(y)
+    s = np.asarray(spec.scale, dtype=np.float64)
+    if s.ndim == 1 and s.size > 1:
+        shape = [1] * y.ndim
+        shape[spec.axis % y.ndim] = s.size
+        s = s.reshape(shape)
+    return (np.asarray(y, dtype=np.float64) * s).astype(np.float32)
+
+
+def iter_chunks(arrays: list[np.ndarray], batch: int):
+    """Yield (chunk, k): consecutive chunks of `batch` samples; a short last chunk (k real
+    samples) is padded by repeating its own samples, so padding never adds new values."""
+    n = arrays[0].shape[0]
+    if n == 0:
+        raise InputSignatureError("empty batch")
+    for start in range(0, n, batch):
+        chunk = [a[start : start + batch] for a in arrays]
+        k = chunk[0].shape[0]
+        if k < batch:
+            idx = np.arange(batch) % k
+            chunk = [c[idx] for c in chunk]
+        yield chunk, k
+
+
+def run_in_batches(fn, arrays: list[np.ndarray], batch: int) -> list[np.ndarray]:
+    """Run a fixed-batch `fn(list_of_arrays) -> list_of_arrays` over any batch size, trimming
+    the padded samples. Every intq op is per-sample, so a sample's output does not depend on
+    its chunk-mates."""
+    outs = [[r[:k] for r in fn(chunk)] for chunk, k in iter_chunks(arrays, batch)]
+    return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]

@@ -1,0 +1,132 @@
+"""Fixed-point primitives: the single definition of intq's integer arithmetic.
+
+Every function here is written against a tiny integer "namespace" `xp` (operators
+``+ - * // >> << &`` plus ``xp.maximum / xp.minimum / xp.where``). The numpy reference passes
+`NUMPY`; the TVM lowering passes a namespace over TE expressions, so the reference and the
+compiled kernels evaluate literally the same formula. All intermediate values are int64; every
+shift amount is in [0, 62], so no shift is undefined on any target.
+
+Rounding is *round half up* everywhere: ``round_shift(x, c) = floor((x + 2^(c-1)) / 2^c)`` and
+``div_round(a, b) = floor((2a + b) / (2b))`` for b > 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from intq.errors import ConfigError
+
+# Fixed-point bits of the exp2 approximation's output: 2^0 == 1 is represented by 1 << EXP2_BITS.
+EXP2_BITS = 14
+# Largest shift applied to an exp2 mantissa (anything >= EXP2_BITS + 1 already yields 0).
+EXP2_MAX_SHIFT = 31
+# Integer square root: Newton iterations from a fixed start, exact for 1 <= n < 2^ISQRT_DOMAIN_BITS.
+ISQRT_DOMAIN_BITS = 40
+ISQRT_INIT = 1 << (ISQRT_DOMAIN_BITS // 2)
+ISQRT_ITERS = 26
+# Dyadic multipliers M = b / 2^c: b < 2^31 (a 31-bit mantissa), 0 <= c <= 62.
+MANTISSA_BITS = 31
+MAX_SHIFT = 62
+
+
+class _NumpyNS:
+    """The numpy integer namespace (int64 arithmetic)."""
+
+    maximum = staticmethod(np.maximum)
+    minimum = staticmethod(np.minimum)
+    where = staticmethod(np.where)
+
+    @staticmethod
+    def i64(x: Any) -> np.ndarray:
+        return np.asarray(x).astype(np.int64)
+
+
+NUMPY = _NumpyNS()
+
+DTYPE_BOUNDS: dict[str, tuple[int, int]] = {
+    "int8": (-128, 127),
+    "uint8": (0, 255),
+    "int16": (-32768, 32767),
+    "int32": (-(2**31), 2**31 - 1),
+}
+
+
+def dtype_bounds(dtype: Any) -> tuple[int, int]:
+    name = np.dtype(dtype).name
+    if name not in DTYPE_BOUNDS:
+        raise ConfigError(f"no integer bounds for dtype {name!r}")
+    return DTYPE_BOUNDS[name]
+
+
+def quantize_multiplier(m: float) -> tuple[int, int]:
+    """Dyadic form of a positive real multiplier: M ~= b / 2^c, b in [2^30, 2^31), 0 <= c <= 62.
+
+    b is M's 31-bit mantissa rounded to nearest. Multipliers below 2^-32 lose mantissa bits
+    (c is capped at 62); M >= 2^31 is rejected. M == 0 gives (0, 0).
+    """
+    if not math.isfinite(m) or m < 0:
+        raise ConfigError(f"requantization multiplier must be finite and >= 0, got {m!r}")
+    if m == 0.0:
+        return 0, 0
+    frac, exp = math.frexp(m)  # m = frac * 2^exp, frac in [0.5, 1)
+    c = MANTISSA_BITS - exp
+    if c < 0:
+        raise ConfigError(f"requantization multiplier {m!r} is too large (>= 2^31)")
+    if c > MAX_SHIFT:
+        c = MAX_SHIFT
+        b = round(m * 2.0**c)
+    else:
+        b = round(frac * 2.0**MANTISSA_BITS)
+        if b == 1 << MANTISSA_BITS:  # rounding carried into bit 31
+            b >>= 1
+            c -= 1
+    return int(b), int(c)
+
+
+def round_shift(x: Any, c: Any, xp: Any = NUMPY) -> Any:
+    """floor((x + 2^(c-1)) / 2^c) for c >= 0 (x unchanged when c == 0). Round half up."""
+    rnd = (xp.i64(1) << c) >> 1  # 2^(c-1), or 0 when c == 0
+    return (x + rnd) >> c
+
+
+def requantize_dyadic(x: Any, b: Any, c: Any, lo: int, hi: int, xp: Any = NUMPY) -> Any:
+    """y = clip(round_shift(x * b, c), lo, hi) in int64: x * b / 2^c, round half up, saturate."""
+    return xp.minimum(xp.maximum(round_shift(x * b, c, xp), lo), hi)
+
+
+def div_round(a: Any, b: Any) -> Any:
+    """a / b rounded half up, for b > 0: floor((2a + b) / (2b))."""
+    return (2 * a + b) // (2 * b)
+
+
+def isqrt_newton(n: Any, xp: Any = NUMPY) -> Any:
+    """floor(sqrt(n)) for 1 <= n < 2^40 by ISQRT_ITERS integer Newton steps from 2^20.
+
+    x_{k+1} = min(x_k, floor((x_k + floor(n / x_k)) / 2)); the sequence decreases to
+    floor(sqrt(n)) and stays there. Exactness over the whole domain is checked in the tests.
+    """
+    x = n * 0 + ISQRT_INIT
+    for _ in range(ISQRT_ITERS):
+        x = xp.minimum(x, (x + n // x) >> 1)
+    return x
+
+
+def exp2_neg(d: Any, frac_bits: int, xp: Any = NUMPY) -> Any:
+    """2^(-d / 2^F) in fixed point with EXP2_BITS fraction bits, for d >= 0 (I-ViT's ShiftExp).
+
+    Split u = d / 2^F into q = floor(u) and f = u - q; then 2^-u = 2^-q * 2^-f with
+    2^-f ~= 1 - f/2 on [0, 1) (max relative error 6.1% at f ~ 0.53, exact at f = 0):
+        r = d & (2^F - 1) rescaled to EXP2_BITS fraction bits,
+        v = 2^EXP2_BITS - r/2,   result = v >> min(q, 31).
+    """
+    q = xp.minimum(d >> frac_bits, EXP2_MAX_SHIFT)
+    r = d & ((1 << frac_bits) - 1)
+    if frac_bits >= EXP2_BITS:
+        r = r >> (frac_bits - EXP2_BITS)
+    else:
+        r = r << (EXP2_BITS - frac_bits)
+    v = (1 << EXP2_BITS) - (r >> 1)
+    return v >> q

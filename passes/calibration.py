@@ -1,0 +1,136 @@
+"""Activation calibration: run the float model in onnxruntime over the calibration batches and
+record per-tensor statistics of every float tensor.
+
+Per tensor and batch we keep max|x| and the `percentile`-th percentile of |x|. Over batches:
+amax = max of the batch maxima; pct = mean of the batch percentiles. Ranges are symmetric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from intq.boundary import iter_chunks
+from intq.errors import CalibrationError
+
+
+@dataclass
+class TensorStats:
+    amax: float
+    pct: float
+    batches: int
+
+
+@dataclass
+class Calibration:
+    stats: dict[str, TensorStats]
+    percentile: float
+
+    def amax(self, name: str, method: str = "minmax") -> float:
+        if name not in self.stats:
+            raise CalibrationError(f"no calibration statistics for tensor {name!r}")
+        s = self.stats[name]
+        v = s.pct if method == "percentile" else s.amax
+        return float(v) if v > 0 else float(s.amax) if s.amax > 0 else 1e-8
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _float_tensors(model: onnx.ModelProto) -> list[str]:
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    out, seen = [], set()
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if (
+            vi.name not in inits
+            and vi.name not in seen
+            and vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        ):
+            out.append(vi.name)
+            seen.add(vi.name)
+    return out
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    batches: Iterable[Any],
+    *,
+    percentile: float = 99.99,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Calibration:
+    """Collect statistics of every float tensor of `model` (shape-inferred) over `batches`.
+
+    Each batch is an array/tensor (single input) or a tuple of them (one per graph input).
+    Batches of a size other than the model's static batch are split/padded (padding repeats
+    real samples so statistics are not polluted by zeros).
+    """
+    import onnxruntime as ort
+
+    names = _float_tensors(model)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    present = {o.name for o in m.graph.output}
+    vis = {vi.name: vi for vi in m.graph.value_info}
+    for n in names:
+        if n not in present and n in vis:
+            m.graph.output.append(vis[n])
+    outputs = [o.name for o in m.graph.output]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    inputs = [i for i in sess.get_inputs()]
+    static_batch = batch_size or (
+        inputs[0].shape[0] if isinstance(inputs[0].shape[0], int) else None
+    )
+    in_names = [i.name for i in inputs]
+    acc: dict[str, list[float]] = {n: [] for n in outputs + in_names}
+    pcts: dict[str, list[float]] = {n: [] for n in outputs + in_names}
+    count = 0
+    for k, batch in enumerate(batches):
+        arrays = [_to_numpy(b) for b in (batch if isinstance(batch, (tuple, list)) else (batch,))]
+        if len(arrays) != len(inputs):
+            raise CalibrationError(
+                f"calibration batch {k} has {len(arrays)} arrays, the model has {len(inputs)} inputs"
+            )
+        for a, i in zip(arrays, inputs, strict=True):
+            want = tuple(d for d in i.shape[1:])
+            if tuple(a.shape[1:]) != want:
+                raise CalibrationError(
+                    f"calibration batch {k}: input {i.name!r} has shape {list(a.shape)}, "
+                    f"expected [batch, {', '.join(map(str, want))}]"
+                )
+        arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
+
+        chunks = iter_chunks(arrays, static_batch) if static_batch else [(arrays, 0)]
+        for chunk, _ in chunks:
+            res = sess.run(outputs, dict(zip(in_names, chunk, strict=True)))
+            for n, r in zip(outputs + in_names, res + chunk, strict=True):
+                if r.dtype.kind != "f":
+                    continue
+                a = np.abs(r.astype(np.float32, copy=False)).ravel()
+                if a.size == 0:
+                    continue
+                acc[n].append(float(a.max()))
+                kth = min(a.size - 1, int(np.ceil(percentile / 100.0 * a.size)) - 1)
+                pcts[n].append(float(np.partition(a, max(kth, 0))[max(kth, 0)]))
+        count += 1
+        if progress:
+            print(f"\rcalibration batch {count}", end="", flush=True)
+    if progress:
+        print()
+    if count == 0:
+        raise CalibrationError("calibration data is empty: pass at least one batch")
+    stats = {
+        n: TensorStats(max(acc[n]), float(np.mean(pcts[n])), len(acc[n])) for n in acc if acc[n]
+    }
+    return Calibration(stats, percentile)

@@ -1,0 +1,500 @@
+"""QuantizePass: canonical float ONNX graph + calibration -> integer-only ONNX graph.
+
+Every float tensor t gets an integer representation q(t) with a compile-time scale s (real
+value = q * s, zero point 0):
+  * weights: symmetric per-output-channel int8, s_w[c] = max|W[c]| / 127;
+  * biases: int32 at s_in * s_w[c];
+  * activations: int8 (s = range/127), the residual stream int16 (s = range/32767), matmul and
+    conv accumulators int32 at s_a * s_b (per channel when the weight is);
+  * between layers, `Requantize` with the dyadic multiplier M = s_in / s_out = b / 2^c.
+Scalar positive Mul/Div (attention's 1/sqrt(d)) only relabel the scale. Softmax and GELU
+inputs are requantized into a base-2 fixed-point exponent (log2(e) folded into M).
+The pass emits no float tensor and no float op; scales land only in the Signature metadata.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from intq.passes.base import Pass, PassResult
+from intq.passes.calibration import Calibration
+from onnx import TensorProto, numpy_helper
+
+from intq import boundary
+from intq.config import CompileConfig
+from intq.errors import GraphError, UnsupportedOpError
+from intq.ir import INTQ_DOMAIN, INTQ_OPSET, NameGen, attrs, consumers, get_constant, topo_sort
+from intq.ops import fixedpoint as fp
+from intq.ops import make_node
+from intq.ops.core import SOFTMAX_OUT_BITS
+from intq.reference import infer_integer_shapes
+
+LOG2E = 1.0 / math.log(2.0)
+GELU_SIGMOID_SLOPE = 1.702
+QMAX = {"int8": 127, "uint8": 255, "int16": 32767}
+ONNX_DT = {
+    "int8": TensorProto.INT8,
+    "uint8": TensorProto.UINT8,
+    "int16": TensorProto.INT16,
+    "int32": TensorProto.INT32,
+}
+# Graph outputs that are int32 accumulators are requantized to int32 with this many bits of
+# headroom below the calibrated range (so 2^(31-OUTPUT_BITS) x the range still fits).
+OUTPUT_BITS = 23
+MOVEMENT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+def round_half_up(x: np.ndarray) -> np.ndarray:
+    return np.floor(np.asarray(x, dtype=np.float64) + 0.5)
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """An integer tensor in the output graph and its scale (scalar, or per channel on axis)."""
+
+    name: str
+    dtype: str
+    scale: np.ndarray
+    axis: int | None = None  # channel axis when `scale` is a vector
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.axis is None
+
+
+class QuantizePass(Pass):
+    """Rewrite a canonical float graph into an integer-only graph in the ``ai.intq`` domain."""
+
+    def __init__(self, calibration: Calibration, config: CompileConfig | None = None) -> None:
+        self.cal = calibration
+        self.cfg = config or CompileConfig()
+
+    # ------------------------------------------------------------------ driver
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        g = model.graph
+        self.src = model
+        self.names = NameGen(g)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.q: dict[str, QTensor] = {}
+        self.cache: dict[tuple[str, str, float], QTensor] = {}
+        self.uses = consumers(g)
+        self.shapes = {
+            vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+            for vi in list(g.input) + list(g.value_info) + list(g.output)
+        }
+        self.fused: set[str] = set()
+        self.rewrites: list[str] = []
+        init_names = {t.name for t in g.initializer}
+        in_specs = []
+        for inp in g.input:
+            if inp.name in init_names:
+                continue
+            in_specs.append(self._quantize_input(inp))
+        for node in topo_sort(g):
+            if node.name in self.fused:
+                continue
+            if node.op_type == "Constant":
+                continue
+            handler = getattr(self, f"_op_{node.op_type}", None)
+            if handler is None or node.domain not in ("", "ai.onnx"):
+                raise UnsupportedOpError(node.op_type, node.name, "no integer rule for this op")
+            handler(node)
+        out_specs = [self._graph_output(o) for o in g.output]
+        batch = in_specs[0].shape[0] if in_specs and in_specs[0].shape else 1
+        sig = boundary.Signature(tuple(in_specs), tuple(out_specs), int(batch))
+        qmodel = self._assemble(model, sig)
+        return PassResult(qmodel, True, self.rewrites)
+
+    def _assemble(self, model: onnx.ModelProto, sig: boundary.Signature) -> onnx.ModelProto:
+        inputs = [
+            onnx.helper.make_tensor_value_info(s.name, ONNX_DT.get(s.qdtype, TensorProto.INT64),
+                                               list(s.shape))
+            for s in sig.inputs
+        ]
+        outputs = [
+            onnx.helper.make_tensor_value_info(s.name, ONNX_DT[s.qdtype], list(s.shape))
+            for s in sig.outputs
+        ]
+        graph = onnx.helper.make_graph(
+            self.nodes, (model.graph.name or "model") + "_int", inputs, outputs, self.inits
+        )
+        qm = onnx.helper.make_model(
+            graph,
+            opset_imports=[
+                onnx.helper.make_opsetid("", 18),
+                onnx.helper.make_opsetid(INTQ_DOMAIN, INTQ_OPSET),
+            ],
+            producer_name="intq",
+        )
+        qm.ir_version = min(model.ir_version or 9, 10)
+        onnx.helper.set_model_props(qm, {boundary.METADATA_KEY: sig.to_json()})
+        feeds = {s.name: np.zeros(s.shape, dtype=s.qdtype) for s in sig.inputs}
+        infer_integer_shapes(qm, feeds)
+        onnx.checker.check_model(qm)
+        return qm
+
+    # ------------------------------------------------------------------ helpers
+    def _amax(self, name: str, dtype: str = "int8") -> float:
+        method = self.cfg.calibration if dtype in ("int8", "uint8") else "minmax"
+        return self.cal.amax(name, method)
+
+    def _scale_for(self, name: str, dtype: str) -> float:
+        return self._amax(name, dtype) / QMAX[dtype]
+
+    def _const(self, base: str, value: np.ndarray) -> str:
+        name = self.names(base)
+        self.inits.append(numpy_helper.from_array(np.array(value, copy=True, order="C"), name))
+        return name
+
+    def _emit(self, op: str, inputs: list[str], out_base: str, node_base: str, **kw) -> str:
+        out = self.names(out_base)
+        self.nodes.append(make_node(op, inputs, [out], self.names(node_base), **kw))
+        return out
+
+    def _get(self, name: str) -> QTensor:
+        if name not in self.q:
+            raise GraphError(f"tensor {name!r} has no integer form (its producer was not handled)")
+        return self.q[name]
+
+    def _const_value(self, name: str) -> np.ndarray | None:
+        return get_constant(self.src.graph, name)
+
+    def requant(
+        self, qt: QTensor, dtype: str, scale: float, base: str, clip: tuple[int, int] | None = None
+    ) -> QTensor:
+        """Requantize `qt` to `dtype` at per-tensor `scale` (cached per target)."""
+        key = (qt.name, dtype, float(scale))
+        if key in self.cache and clip is None:
+            return self.cache[key]
+        if qt.per_tensor and qt.dtype == dtype and np.isclose(float(qt.scale), scale, rtol=0, atol=0):
+            return qt
+        ratios = np.atleast_1d(np.asarray(qt.scale, dtype=np.float64)) / scale
+        bc = [fp.quantize_multiplier(float(r)) for r in ratios]
+        b = np.array([x[0] for x in bc], dtype=np.int32)
+        c = np.array([x[1] for x in bc], dtype=np.int32)
+        if np.all(b == b[0]) and np.all(c == c[0]):
+            b, c = b[:1].reshape(()), c[:1].reshape(())
+        kw = {"to": ONNX_DT[dtype]}
+        if b.ndim == 1:
+            kw["axis"] = int(qt.axis)
+        if clip is not None:
+            kw["clip_min"], kw["clip_max"] = int(clip[0]), int(clip[1])
+        out = self._emit(
+            "Requantize",
+            [qt.name, self._const(f"{base}_mult", b), self._const(f"{base}_shift", c)],
+            f"{base}_{dtype}",
+            f"{base}_requant",
+            **kw,
+        )
+        res = QTensor(out, dtype, np.asarray(scale, dtype=np.float64))
+        if clip is None:
+            self.cache[key] = res
+        return res
+
+    def as_dtype(self, name: str, dtype: str) -> QTensor:
+        """The integer form of float tensor `name` as a per-tensor `dtype` tensor."""
+        qt = self._get(name)
+        if qt.per_tensor and qt.dtype == dtype:
+            return qt
+        return self.requant(qt, dtype, self._scale_for(name, dtype), _base(name))
+
+    def materialize(self, name: str) -> QTensor:
+        """A per-tensor form of a per-channel tensor without losing precision: int32 at
+        range / 2^OUTPUT_BITS (consumers requantize further as they need)."""
+        qt = self._get(name)
+        if qt.per_tensor:
+            return qt
+        return self.requant(qt, "int32", self._amax(name, "int32") / 2**OUTPUT_BITS, _base(name))
+
+    def as_narrow(self, name: str) -> QTensor:
+        """int8 (or an existing uint8) per-tensor form, as matmul/conv operands need."""
+        qt = self._get(name)
+        if qt.per_tensor and qt.dtype in ("int8", "uint8"):
+            return qt
+        return self.as_dtype(name, "int8")
+
+    def _quantize_weight(self, w: np.ndarray, axis: int, base: str) -> tuple[str, np.ndarray]:
+        """Symmetric per-channel int8 along `axis`: s[c] = max|W[c]| / 127."""
+        w = np.asarray(w, dtype=np.float64)
+        red = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+        amax = np.abs(w).max(axis=red)
+        s = np.where(amax > 0, amax / 127.0, 1.0)
+        shape = [1] * w.ndim
+        shape[axis % w.ndim] = -1
+        wq = np.clip(round_half_up(w / s.reshape(shape)), -127, 127).astype(np.int8)
+        return self._const(f"{base}_w_i8", wq), s
+
+    def _quantize_bias(self, b: np.ndarray, scale: np.ndarray, base: str) -> str:
+        bq = round_half_up(np.asarray(b, np.float64).reshape(-1) / scale)
+        lo, hi = fp.dtype_bounds(np.int32)
+        return self._const(f"{base}_b_i32", np.clip(bq, lo, hi).astype(np.int32))
+
+    # ------------------------------------------------------------------ boundary
+    def _quantize_input(self, vi: onnx.ValueInfoProto) -> boundary.InputSpec:
+        tt = vi.type.tensor_type
+        shape = tuple(int(d.dim_value) for d in tt.shape.dim)
+        if any(d <= 0 for d in shape):
+            raise GraphError(f"input {vi.name!r} must have a static shape, got {shape}")
+        np_dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np_dt.kind == "f":
+            s = self._scale_for(vi.name, "int8")
+            self.q[vi.name] = QTensor(vi.name, "int8", np.asarray(s))
+            return boundary.InputSpec(vi.name, shape, "float32", "int8", float(s))
+        if np_dt.kind in "iu":
+            self.q[vi.name] = QTensor(vi.name, np_dt.name, np.asarray(1.0))
+            return boundary.InputSpec(vi.name, shape, np_dt.name, np_dt.name, None)
+        raise GraphError(f"input {vi.name!r} has unsupported dtype {np_dt}")
+
+    def _graph_output(self, vi: onnx.ValueInfoProto) -> boundary.OutputSpec:
+        qt = self.materialize(vi.name)
+        # integer tensors get derived names, so the graph output's own name is free
+        self.nodes.append(make_node("Identity", [qt.name], [vi.name], self.names(f"{_base(vi.name)}_out")))
+        shape = self.shapes.get(vi.name, ())
+        return boundary.OutputSpec(vi.name, shape, qt.dtype, float(qt.scale))
+
+    # ------------------------------------------------------------------ op rules
+    def _op_Conv(self, node: onnx.NodeProto) -> None:
+        w = self._const_value(node.input[1])
+        if w is None:
+            raise UnsupportedOpError("Conv", node.name, "weight must be a constant")
+        x = self.as_narrow(node.input[0])
+        base = _base(node.name or node.output[0])
+        wname, sw = self._quantize_weight(w, 0, base)
+        acc_scale = float(x.scale) * sw
+        ins = [x.name, wname]
+        if len(node.input) > 2 and node.input[2]:
+            b = self._const_value(node.input[2])
+            if b is None:
+                raise UnsupportedOpError("Conv", node.name, "bias must be a constant")
+            ins.append(self._quantize_bias(b, acc_scale, base))
+        a = attrs(node)
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise UnsupportedOpError("Conv", node.name, "auto_pad is not supported; use pads")
+        kw = {k: a[k] for k in ("strides", "pads", "dilations", "group") if k in a}
+        out = self._emit("IntConv", ins, f"{base}_acc", base, **kw)
+        self.q[node.output[0]] = QTensor(out, "int32", acc_scale, axis=1)
+
+    def _op_MatMul(self, node: onnx.NodeProto) -> None:
+        base = _base(node.name or node.output[0])
+        wconst = self._const_value(node.input[1])
+        if self._const_value(node.input[0]) is not None:
+            raise UnsupportedOpError("MatMul", node.name, "constant left operand")
+        if wconst is None:
+            a = self.as_narrow(node.input[0])
+            b = self.as_dtype(node.input[1], "int8")
+            out = self._emit("IntMatMul", [a.name, b.name], f"{base}_acc", base)
+            self.q[node.output[0]] = QTensor(out, "int32", np.asarray(float(a.scale) * float(b.scale)))
+            return
+        if wconst.ndim != 2:
+            raise UnsupportedOpError("MatMul", node.name, f"weight of rank {wconst.ndim} (need 2)")
+        x = self.as_narrow(node.input[0])
+        wname, sw = self._quantize_weight(wconst, 1, base)
+        acc_scale = float(x.scale) * sw
+        ins = [x.name, wname]
+        out_float = node.output[0]
+        bias_add = self._fusable_bias(node, wconst.shape[1])
+        if bias_add is not None:
+            add, bias = bias_add
+            ins.append(self._quantize_bias(bias, acc_scale, base))
+            self.fused.add(add.name)
+            out_float = add.output[0]
+            self.rewrites.append(f"{node.name} + {add.name} -> IntMatMul with int32 bias")
+        out = self._emit("IntMatMul", ins, f"{base}_acc", base)
+        self.q[out_float] = QTensor(out, "int32", acc_scale, axis=-1)
+
+    def _fusable_bias(self, node: onnx.NodeProto, n: int):
+        uses = self.uses.get(node.output[0], [])
+        if len(uses) != 1 or uses[0].op_type != "Add":
+            return None
+        add = uses[0]
+        other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        b = self._const_value(other)
+        if b is None or b.size != n or b.shape[-1:] != (n,):
+            return None
+        return add, b.reshape(-1)
+
+    def _op_Add(self, node: onnx.NodeProto) -> None:
+        base = _base(node.name or node.output[0])
+        out = node.output[0]
+        dt = self.cfg.residual_dtype
+        consts = [self._const_value(i) for i in node.input]
+        amax = self._amax(out, dt)
+        for i, c in zip(node.input, consts, strict=True):
+            amax = max(amax, float(np.abs(c).max()) if c is not None else self._amax(i, dt))
+        s = amax / QMAX[dt]
+        ins = []
+        for i, c in zip(node.input, consts, strict=True):
+            if c is not None:
+                lo, hi = fp.dtype_bounds(dt)
+                ins.append(self._const(f"{base}_c", np.clip(round_half_up(c / s), lo, hi).astype(dt)))
+            else:
+                ins.append(self.requant(self._get(i), dt, s, _base(i)).name)
+        y = self._emit("IntAdd", ins, f"{base}_{dt}", base, to=ONNX_DT[dt])
+        self.q[out] = QTensor(y, dt, np.asarray(s))
+
+    def _scalar_relabel(self, node: onnx.NodeProto, invert: bool) -> None:
+        c = self._const_value(node.input[1])
+        src = node.input[0]
+        if c is None and node.op_type == "Mul":
+            c, src = self._const_value(node.input[0]), node.input[1]
+        if c is None or c.size != 1 or not float(c.reshape(())) > 0:
+            raise UnsupportedOpError(
+                node.op_type, node.name, "only multiplication/division by a positive scalar "
+                "constant is supported (it becomes a scale change)"
+            )
+        k = float(c.reshape(()))
+        qt = self._get(src)
+        factor = 1.0 / k if invert else k
+        self.q[node.output[0]] = QTensor(qt.name, qt.dtype, qt.scale * factor, qt.axis)
+        self.rewrites.append(f"{node.name}: scalar {node.op_type} folded into the scale")
+
+    def _op_Mul(self, node: onnx.NodeProto) -> None:
+        self._scalar_relabel(node, invert=False)
+
+    def _op_Div(self, node: onnx.NodeProto) -> None:
+        if self._const_value(node.input[1]) is None:
+            raise UnsupportedOpError("Div", node.name, "division by a tensor")
+        self._scalar_relabel(node, invert=True)
+
+    def _op_LayerNormalization(self, node: onnx.NodeProto) -> None:
+        a = attrs(node)
+        base = _base(node.name or node.output[0])
+        shape = self.shapes.get(node.input[0])
+        axis = int(a.get("axis", -1))
+        if shape and axis not in (-1, len(shape) - 1):
+            raise UnsupportedOpError("LayerNormalization", node.name, "axis must be the last one")
+        gamma = self._const_value(node.input[1])
+        beta = self._const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if gamma is None:
+            raise UnsupportedOpError("LayerNormalization", node.name, "scale must be a constant")
+        beta = np.zeros_like(gamma) if beta is None else beta
+        qt = self._get(node.input[0])
+        x = qt if (qt.per_tensor and qt.dtype in ("int8", "int16")) else self.as_dtype(
+            node.input[0], "int16"
+        )
+        c = int(gamma.size)
+        k = self.cfg.layernorm_frac_bits
+        # y = div_round(xc << k, std) is bounded by sqrt(C) * 2^k; keep |y * gamma| < 2^30.
+        gbits = 11
+        while k > 4 and math.sqrt(c) * 2**k * 2**gbits >= 2**30:
+            k -= 1
+        gmax = float(np.abs(gamma).max())
+        s_g = gmax / (2**gbits - 1) if gmax > 0 else 1.0
+        gq = np.clip(round_half_up(gamma / s_g), -(2**gbits - 1), 2**gbits - 1).astype(np.int32)
+        s_out = s_g / 2**k
+        lo, hi = fp.dtype_bounds(np.int32)
+        bq = np.clip(round_half_up(beta / s_out), lo // 2, hi // 2).astype(np.int32)
+        eps = float(a.get("epsilon", 1e-5))
+        eps_q = int(min(round_half_up(eps / float(x.scale) ** 2), 2**31 - 1))
+        y = self._emit(
+            "IntLayerNorm",
+            [x.name, self._const(f"{base}_gamma", gq), self._const(f"{base}_beta", bq)],
+            f"{base}_i32", base, epsilon=eps_q, frac_bits=k,
+        )
+        self.q[node.output[0]] = QTensor(y, "int32", np.asarray(s_out))
+
+    def _op_Softmax(self, node: onnx.NodeProto) -> None:
+        a = attrs(node)
+        shape = self.shapes.get(node.input[0])
+        if shape and int(a.get("axis", -1)) not in (-1, len(shape) - 1):
+            raise UnsupportedOpError("Softmax", node.name, "axis must be the last one")
+        base = _base(node.name or node.output[0])
+        f = self.cfg.softmax_frac_bits
+        qt = self._get(node.input[0])
+        # z = x * s * log2(e) in fixed point with F fraction bits: softmax = 2^z / sum 2^z
+        z = self.requant(qt, "int32", 1.0 / (LOG2E * 2**f), f"{base}_exp2in")
+        y = self._emit("IntSoftmax", [z.name], f"{base}_u8", base, frac_bits=f)
+        self.q[node.output[0]] = QTensor(y, "uint8", np.asarray(2.0**-SOFTMAX_OUT_BITS))
+
+    def _op_Gelu(self, node: onnx.NodeProto) -> None:
+        base = _base(node.name or node.output[0])
+        x = self.as_dtype(node.input[0], "int8")
+        s_x = float(x.scale)
+        f = self.cfg.gelu_frac_bits
+        slope = GELU_SIGMOID_SLOPE * LOG2E * s_x
+        while f < 24 and slope * 2**f < 2**12:  # keep alpha's rounding error below 2^-12
+            f += 1
+        alpha = int(round_half_up(slope * 2**f))
+        y = self._emit("IntGELU", [x.name], f"{base}_i32", base, alpha=max(alpha, 1), frac_bits=f)
+        self.q[node.output[0]] = QTensor(y, "int32", np.asarray(s_x / 2**fp.EXP2_BITS))
+
+    # data movement ---------------------------------------------------------------
+    def _movement(self, node: onnx.NodeProto) -> None:
+        qt = self._get(node.input[0])
+        axis = qt.axis
+        if not qt.per_tensor:
+            axis = self._track_axis(node, qt.axis)
+            if axis is None:  # channel axis does not survive: materialize per-tensor first
+                qt = self.materialize(node.input[0])
+        ins = [qt.name] + [self._copy_const(i) for i in node.input[1:]]
+        base = _base(node.name or node.output[0])
+        op_attrs = {k: v for k, v in attrs(node).items()}
+        y = self._emit(node.op_type, ins, f"{base}_{qt.dtype}", base, **op_attrs)
+        self.q[node.output[0]] = QTensor(y, qt.dtype, qt.scale, axis if not qt.per_tensor else None)
+
+    def _track_axis(self, node: onnx.NodeProto, axis: int) -> int | None:
+        """Where channel `axis` of the input lands in the output, if it survives intact."""
+        sin, sout = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
+        if not sin or not sout:
+            return None
+        axis %= len(sin)
+        if node.op_type == "Transpose":
+            perm = attrs(node).get("perm") or list(range(len(sin)))[::-1]
+            return list(perm).index(axis)
+        before = int(np.prod(sin[:axis]))
+        for j in range(len(sout)):
+            if int(np.prod(sout[:j])) == before and sout[j] == sin[axis]:
+                return j
+        return None
+
+    def _copy_const(self, name: str) -> str:
+        if not name:
+            return ""
+        v = self._const_value(name)
+        if v is None:
+            raise GraphError(f"expected a constant operand, got activation {name!r}")
+        if v.dtype.kind == "f":
+            raise GraphError(f"float constant {name!r} used as a shape/index operand")
+        return self._const(_base(name), v)
+
+    _op_Reshape = _op_Transpose = _op_Flatten = _movement
+    _op_Squeeze = _op_Unsqueeze = _op_Identity = _movement
+
+    def _op_Gather(self, node: onnx.NodeProto) -> None:
+        if not self._get(node.input[0]).per_tensor:
+            self.q[node.input[0]] = self.materialize(node.input[0])
+        self._movement(node)
+
+    _op_Slice = _op_Gather
+
+    def _op_Concat(self, node: onnx.NodeProto) -> None:
+        base = _base(node.name or node.output[0])
+        consts = [self._const_value(i) for i in node.input]
+        wide = any(
+            c is None and self._get(i).dtype not in ("int8", "uint8")
+            for i, c in zip(node.input, consts, strict=True)
+        )
+        dt = self.cfg.residual_dtype if wide else "int8"
+        amax = self._amax(node.output[0], dt)
+        for i, c in zip(node.input, consts, strict=True):
+            amax = max(amax, float(np.abs(c).max()) if c is not None else self._amax(i, dt))
+        s = amax / QMAX[dt]
+        ins = []
+        lo, hi = fp.dtype_bounds(dt)
+        for i, c in zip(node.input, consts, strict=True):
+            if c is not None:
+                ins.append(self._const(f"{base}_c", np.clip(round_half_up(c / s), lo, hi).astype(dt)))
+            else:
+                ins.append(self.requant(self._get(i), dt, s, _base(i)).name)
+        y = self._emit("Concat", ins, f"{base}_{dt}", base, axis=int(attrs(node)["axis"]))
+        self.q[node.output[0]] = QTensor(y, dt, np.asarray(s))
+
+
+def _base(name: str) -> str:
+    """A readable, ONNX-safe base for derived names."""
+    keep = "".join(ch if ch.isalnum() or ch in "_." else "_" for ch in name.strip("/"))
+    return keep or "t"
