@@ -15,7 +15,12 @@ import numpy as np
 
 from intq.errors import InputSignatureError
 
-_DT = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "int32": (-(2**31), 2**31 - 1)}
+_DT = {
+    "int8": (-128, 127),
+    "uint8": (0, 255),
+    "int16": (-32768, 32767),
+    "int32": (-(2**31), 2**31 - 1),
+}
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,9 @@ def quantize_input(x: np.ndarray, scale: float, qdtype: str) -> np.ndarray:
     return np.clip(q, lo, hi).astype(qdtype)
 
 
-def check_batch_inputs(specs: tuple[InputSpec, ...] | list[InputSpec], inputs: tuple[Any, ...]) -> list[np.ndarray]:
+def check_batch_inputs(
+    specs: tuple[InputSpec, ...] | list[InputSpec], inputs: tuple[Any, ...]
+) -> list[np.ndarray]:
     """Validate user inputs against the signature; the leading (batch) dim may differ, but must
     agree across inputs. Raises InputSignatureError naming the input and the signature."""
     sig = ", ".join(s.signature() for s in specs)
@@ -138,7 +145,9 @@ def check_batch_inputs(specs: tuple[InputSpec, ...] | list[InputSpec], inputs: t
     return arrays
 
 
-def quantize_inputs(specs: tuple[InputSpec, ...] | list[InputSpec], arrays: list[np.ndarray]) -> list[np.ndarray]:
+def quantize_inputs(
+    specs: tuple[InputSpec, ...] | list[InputSpec], arrays: list[np.ndarray]
+) -> list[np.ndarray]:
     return [
         quantize_input(x, s.scale, s.qdtype) if s.scale is not None else x.astype(s.qdtype)
         for s, x in zip(specs, arrays, strict=True)

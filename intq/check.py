@@ -46,12 +46,20 @@ def check_integer_only(model: onnx.ModelProto) -> list[Offense]:
             bad.append(Offense(t.name, "<initializer>", "float initializer"))
     for n in g.node:
         if not is_allowed(n):
-            bad.append(Offense(n.name, n.op_type, f"op {n.domain or 'ai.onnx'}::{n.op_type} is "
-                               "not an integer op"))
+            bad.append(
+                Offense(
+                    n.name,
+                    n.op_type,
+                    f"op {n.domain or 'ai.onnx'}::{n.op_type} is not an integer op",
+                )
+            )
             continue
         for a in n.attribute:
-            if a.type in (onnx.AttributeProto.FLOAT, onnx.AttributeProto.FLOATS,
-                          onnx.AttributeProto.TENSOR):
+            if a.type in (
+                onnx.AttributeProto.FLOAT,
+                onnx.AttributeProto.FLOATS,
+                onnx.AttributeProto.TENSOR,
+            ):
                 bad.append(Offense(n.name, n.op_type, f"float/tensor attribute {a.name!r}"))
         for name in list(n.input) + list(n.output):
             if not name:

@@ -36,7 +36,9 @@ class CompileConfig:
 
     def __post_init__(self) -> None:
         if self.calibration not in ("minmax", "percentile"):
-            raise ConfigError(f"calibration must be 'minmax' or 'percentile', got {self.calibration!r}")
+            raise ConfigError(
+                f"calibration must be 'minmax' or 'percentile', got {self.calibration!r}"
+            )
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.residual_dtype != "int16":
@@ -45,8 +47,12 @@ class CompileConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or not 4 <= v <= 20:
                 raise ConfigError(f"{name} must be an int in [4, 20], got {v!r}")
-        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
-            raise ConfigError(f"num_threads must be a positive int or None, got {self.num_threads!r}")
+        if self.num_threads is not None and (
+            not isinstance(self.num_threads, int) or self.num_threads < 1
+        ):
+            raise ConfigError(
+                f"num_threads must be a positive int or None, got {self.num_threads!r}"
+            )
         if self.opset < 17:
             raise ConfigError("opset must be >= 17 (LayerNormalization)")
 

@@ -49,7 +49,9 @@ class ReferenceInterpreter:
             except IntqError:
                 raise
             except Exception as e:  # numpy errors: name the node
-                raise GraphError(f"reference: node {node.name!r} ({node.op_type}) failed: {e}") from e
+                raise GraphError(
+                    f"reference: node {node.name!r} ({node.op_type}) failed: {e}"
+                ) from e
             for name, y in zip(node.output, ys, strict=False):
                 env[name] = y
         return env if keep_all else {k: env[k] for k in self.outputs}

@@ -100,7 +100,8 @@ def calibrate(
         arrays = [_to_numpy(b) for b in (batch if isinstance(batch, (tuple, list)) else (batch,))]
         if len(arrays) != len(inputs):
             raise CalibrationError(
-                f"calibration batch {k} has {len(arrays)} arrays, the model has {len(inputs)} inputs"
+                f"calibration batch {k} has {len(arrays)} arrays; "
+                f"the model has {len(inputs)} inputs"
             )
         for a, i in zip(arrays, inputs, strict=True):
             want = tuple(d for d in i.shape[1:])

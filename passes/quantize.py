@@ -111,8 +111,9 @@ class QuantizePass(Pass):
 
     def _assemble(self, model: onnx.ModelProto, sig: boundary.Signature) -> onnx.ModelProto:
         inputs = [
-            onnx.helper.make_tensor_value_info(s.name, ONNX_DT.get(s.qdtype, TensorProto.INT64),
-                                               list(s.shape))
+            onnx.helper.make_tensor_value_info(
+                s.name, ONNX_DT.get(s.qdtype, TensorProto.INT64), list(s.shape)
+            )
             for s in sig.inputs
         ]
         outputs = [
@@ -170,7 +171,11 @@ class QuantizePass(Pass):
         key = (qt.name, dtype, float(scale))
         if key in self.cache and clip is None:
             return self.cache[key]
-        if qt.per_tensor and qt.dtype == dtype and np.isclose(float(qt.scale), scale, rtol=0, atol=0):
+        if (
+            qt.per_tensor
+            and qt.dtype == dtype
+            and np.isclose(float(qt.scale), scale, rtol=0, atol=0)
+        ):
             return qt
         ratios = np.atleast_1d(np.asarray(qt.scale, dtype=np.float64)) / scale
         bc = [fp.quantize_multiplier(float(r)) for r in ratios]
@@ -252,7 +257,9 @@ class QuantizePass(Pass):
     def _graph_output(self, vi: onnx.ValueInfoProto) -> boundary.OutputSpec:
         qt = self.materialize(vi.name)
         # integer tensors get derived names, so the graph output's own name is free
-        self.nodes.append(make_node("Identity", [qt.name], [vi.name], self.names(f"{_base(vi.name)}_out")))
+        self.nodes.append(
+            make_node("Identity", [qt.name], [vi.name], self.names(f"{_base(vi.name)}_out"))
+        )
         shape = self.shapes.get(vi.name, ())
         return boundary.OutputSpec(vi.name, shape, qt.dtype, float(qt.scale))
 
@@ -287,7 +294,9 @@ class QuantizePass(Pass):
             a = self.as_narrow(node.input[0])
             b = self.as_dtype(node.input[1], "int8")
             out = self._emit("IntMatMul", [a.name, b.name], f"{base}_acc", base)
-            self.q[node.output[0]] = QTensor(out, "int32", np.asarray(float(a.scale) * float(b.scale)))
+            self.q[node.output[0]] = QTensor(
+                out, "int32", np.asarray(float(a.scale) * float(b.scale))
+            )
             return
         if wconst.ndim != 2:
             raise UnsupportedOpError("MatMul", node.name, f"weight of rank {wconst.ndim} (need 2)")
@@ -317,24 +326,32 @@ class QuantizePass(Pass):
             return None
         return add, b.reshape(-1)
 
-    def _op_Add(self, node: onnx.NodeProto) -> None:
+    def _common_scale(self, node: onnx.NodeProto, dt: str) -> tuple[list[str], float]:
+        """Bring every input of `node` (activations and constants) to one per-tensor scale of
+        dtype `dt`: s = max(range of each input, range of the output) / qmax(dt)."""
         base = _base(node.name or node.output[0])
-        out = node.output[0]
-        dt = self.cfg.residual_dtype
         consts = [self._const_value(i) for i in node.input]
-        amax = self._amax(out, dt)
+        amax = self._amax(node.output[0], dt)
         for i, c in zip(node.input, consts, strict=True):
             amax = max(amax, float(np.abs(c).max()) if c is not None else self._amax(i, dt))
         s = amax / QMAX[dt]
+        lo, hi = fp.dtype_bounds(dt)
         ins = []
         for i, c in zip(node.input, consts, strict=True):
             if c is not None:
-                lo, hi = fp.dtype_bounds(dt)
-                ins.append(self._const(f"{base}_c", np.clip(round_half_up(c / s), lo, hi).astype(dt)))
+                cq = np.clip(round_half_up(c / s), lo, hi).astype(dt)
+                ins.append(self._const(f"{base}_c", cq))
             else:
                 ins.append(self.requant(self._get(i), dt, s, _base(i)).name)
+        return ins, s
+
+    def _op_Add(self, node: onnx.NodeProto) -> None:
+        """Residual add: both branches requantized to the residual dtype at a common scale."""
+        dt = self.cfg.residual_dtype
+        ins, s = self._common_scale(node, dt)
+        base = _base(node.name or node.output[0])
         y = self._emit("IntAdd", ins, f"{base}_{dt}", base, to=ONNX_DT[dt])
-        self.q[out] = QTensor(y, dt, np.asarray(s))
+        self.q[node.output[0]] = QTensor(y, dt, np.asarray(s))
 
     def _scalar_relabel(self, node: onnx.NodeProto, invert: bool) -> None:
         c = self._const_value(node.input[1])
@@ -343,8 +360,10 @@ class QuantizePass(Pass):
             c, src = self._const_value(node.input[0]), node.input[1]
         if c is None or c.size != 1 or not float(c.reshape(())) > 0:
             raise UnsupportedOpError(
-                node.op_type, node.name, "only multiplication/division by a positive scalar "
-                "constant is supported (it becomes a scale change)"
+                node.op_type,
+                node.name,
+                "only multiplication/division by a positive scalar "
+                "constant is supported (it becomes a scale change)",
             )
         k = float(c.reshape(()))
         qt = self._get(src)
@@ -373,8 +392,10 @@ class QuantizePass(Pass):
             raise UnsupportedOpError("LayerNormalization", node.name, "scale must be a constant")
         beta = np.zeros_like(gamma) if beta is None else beta
         qt = self._get(node.input[0])
-        x = qt if (qt.per_tensor and qt.dtype in ("int8", "int16")) else self.as_dtype(
-            node.input[0], "int16"
+        x = (
+            qt
+            if (qt.per_tensor and qt.dtype in ("int8", "int16"))
+            else self.as_dtype(node.input[0], "int16")
         )
         c = int(gamma.size)
         k = self.cfg.layernorm_frac_bits
@@ -393,7 +414,10 @@ class QuantizePass(Pass):
         y = self._emit(
             "IntLayerNorm",
             [x.name, self._const(f"{base}_gamma", gq), self._const(f"{base}_beta", bq)],
-            f"{base}_i32", base, epsilon=eps_q, frac_bits=k,
+            f"{base}_i32",
+            base,
+            epsilon=eps_q,
+            frac_bits=k,
         )
         self.q[node.output[0]] = QTensor(y, "int32", np.asarray(s_out))
 
@@ -472,24 +496,13 @@ class QuantizePass(Pass):
     _op_Slice = _op_Gather
 
     def _op_Concat(self, node: onnx.NodeProto) -> None:
-        base = _base(node.name or node.output[0])
-        consts = [self._const_value(i) for i in node.input]
         wide = any(
-            c is None and self._get(i).dtype not in ("int8", "uint8")
-            for i, c in zip(node.input, consts, strict=True)
+            self._const_value(i) is None and self._get(i).dtype not in ("int8", "uint8")
+            for i in node.input
         )
         dt = self.cfg.residual_dtype if wide else "int8"
-        amax = self._amax(node.output[0], dt)
-        for i, c in zip(node.input, consts, strict=True):
-            amax = max(amax, float(np.abs(c).max()) if c is not None else self._amax(i, dt))
-        s = amax / QMAX[dt]
-        ins = []
-        lo, hi = fp.dtype_bounds(dt)
-        for i, c in zip(node.input, consts, strict=True):
-            if c is not None:
-                ins.append(self._const(f"{base}_c", np.clip(round_half_up(c / s), lo, hi).astype(dt)))
-            else:
-                ins.append(self.requant(self._get(i), dt, s, _base(i)).name)
+        ins, s = self._common_scale(node, dt)
+        base = _base(node.name or node.output[0])
         y = self._emit("Concat", ins, f"{base}_{dt}", base, axis=int(attrs(node)["axis"]))
         self.q[node.output[0]] = QTensor(y, dt, np.asarray(s))
 

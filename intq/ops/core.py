@@ -132,9 +132,11 @@ def _conv_ref(xs, attrs):
                 cols[:, :, i, j] = xg[:, :, hs : hs + sh * oh : sh, ws : ws + sw * ow : sw]
         wg = w[gi * mg : (gi + 1) * mg].reshape(mg, -1).astype(np.float64)
         # exact: integer products and sums of magnitude < 2^31 (see _exact_int_matmul)
-        out[:, gi * mg : (gi + 1) * mg] = np.einsum(
-            "mk,nkp->nmp", wg, cols.reshape(n, cg * kh * kw, oh * ow)
-        ).reshape(n, mg, oh, ow).astype(I64)
+        out[:, gi * mg : (gi + 1) * mg] = (
+            np.einsum("mk,nkp->nmp", wg, cols.reshape(n, cg * kh * kw, oh * ow))
+            .reshape(n, mg, oh, ow)
+            .astype(I64)
+        )
     if len(xs) > 2 and xs[2] is not None:
         out = out + xs[2].astype(I64)[None, :, None, None]
     return [out.astype(np.int32)]
@@ -183,7 +185,10 @@ def _requant_shape(shapes, dtypes, attrs):
 def requant_bounds(attrs: dict[str, Any]) -> tuple[int, int]:
     lo, hi = fp.dtype_bounds(out_dtype(attrs))
     cmin, cmax = attrs.get("clip_min"), attrs.get("clip_max")
-    return (max(lo, int(cmin)) if cmin is not None else lo, min(hi, int(cmax)) if cmax is not None else hi)
+    return (
+        max(lo, int(cmin)) if cmin is not None else lo,
+        min(hi, int(cmax)) if cmax is not None else hi,
+    )
 
 
 def _requant_ref(xs, attrs):
@@ -268,8 +273,13 @@ def _ln_ref(xs, attrs):
     x = xs[0].astype(I64)
     n = x.shape[-1]
     y = layernorm_core(
-        x, xs[1].astype(I64), xs[2].astype(I64), n, int(attrs["epsilon"]),
-        int(attrs["frac_bits"]), lambda t: t.sum(axis=-1, keepdims=True),
+        x,
+        xs[1].astype(I64),
+        xs[2].astype(I64),
+        n,
+        int(attrs["epsilon"]),
+        int(attrs["frac_bits"]),
+        lambda t: t.sum(axis=-1, keepdims=True),
     )
     lo, hi = fp.dtype_bounds(np.int32)
     return [np.clip(y, lo, hi).astype(np.int32)]
@@ -314,8 +324,10 @@ def _softmax_shape(shapes, dtypes, attrs):
 
 def _softmax_ref(xs, attrs):
     y = softmax_core(
-        xs[0].astype(I64), int(attrs["frac_bits"]),
-        lambda t: t.max(axis=-1, keepdims=True), lambda t: t.sum(axis=-1, keepdims=True),
+        xs[0].astype(I64),
+        int(attrs["frac_bits"]),
+        lambda t: t.max(axis=-1, keepdims=True),
+        lambda t: t.sum(axis=-1, keepdims=True),
     )
     return [y.astype(np.uint8)]
 

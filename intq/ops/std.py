@@ -75,19 +75,60 @@ def _std(name, inputs, attrs, ref, doc):
     register(OpDef(name, "", inputs, attrs, None, ref, doc, tags=frozenset({"movement"})))
 
 
-_std("Reshape", (InputSpec("data", _ANY), InputSpec("shape", ("int64",))), {"allowzero": 0},
-     _reshape, "ONNX Reshape")
+_std(
+    "Reshape",
+    (InputSpec("data", _ANY), InputSpec("shape", ("int64",))),
+    {"allowzero": 0},
+    _reshape,
+    "ONNX Reshape",
+)
 _std("Transpose", (InputSpec("data", _ANY),), {"perm": []}, _transpose, "ONNX Transpose")
-_std("Gather", (InputSpec("data", _ANY), InputSpec("indices", _IDX)), {"axis": 0}, _gather,
-     "ONNX Gather")
-_std("Slice", (InputSpec("data", _ANY), InputSpec("starts", _IDX), InputSpec("ends", _IDX),
-               InputSpec("axes", _IDX, True), InputSpec("steps", _IDX, True)), {}, _slice,
-     "ONNX Slice")
+_std(
+    "Gather",
+    (InputSpec("data", _ANY), InputSpec("indices", _IDX)),
+    {"axis": 0},
+    _gather,
+    "ONNX Gather",
+)
+_std(
+    "Slice",
+    (
+        InputSpec("data", _ANY),
+        InputSpec("starts", _IDX),
+        InputSpec("ends", _IDX),
+        InputSpec("axes", _IDX, True),
+        InputSpec("steps", _IDX, True),
+    ),
+    {},
+    _slice,
+    "ONNX Slice",
+)
 _std("Flatten", (InputSpec("input", _ANY),), {"axis": 1}, _flatten, "ONNX Flatten")
-_std("Squeeze", (InputSpec("data", _ANY), InputSpec("axes", ("int64",), True)), {}, _squeeze,
-     "ONNX Squeeze")
-_std("Unsqueeze", (InputSpec("data", _ANY), InputSpec("axes", ("int64",))), {}, _unsqueeze,
-     "ONNX Unsqueeze")
+_std(
+    "Squeeze",
+    (InputSpec("data", _ANY), InputSpec("axes", ("int64",), True)),
+    {},
+    _squeeze,
+    "ONNX Squeeze",
+)
+_std(
+    "Unsqueeze",
+    (InputSpec("data", _ANY), InputSpec("axes", ("int64",))),
+    {},
+    _unsqueeze,
+    "ONNX Unsqueeze",
+)
 _std("Identity", (InputSpec("input", _ANY),), {}, _identity, "ONNX Identity")
-register(OpDef("Concat", "", (InputSpec("inputs", _ANY),), {"axis": 0}, None, _concat,
-               "ONNX Concat", variadic=True, tags=frozenset({"movement"})))
+register(
+    OpDef(
+        "Concat",
+        "",
+        (InputSpec("inputs", _ANY),),
+        {"axis": 0},
+        None,
+        _concat,
+        "ONNX Concat",
+        variadic=True,
+        tags=frozenset({"movement"}),
+    )
+)
