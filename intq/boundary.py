@@ -187,3 +187,14 @@ def run_in_batches(fn, arrays: list[np.ndarray], batch: int) -> list[np.ndarray]
     its chunk-mates."""
     outs = [[r[:k] for r in fn(chunk)] for chunk, k in iter_chunks(arrays, batch)]
     return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+
+def pack_outputs(outputs: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One output -> the array itself; several -> the list (the convention of every `run`)."""
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def dequantize_outputs(sig: Signature, outputs: Any) -> Any:
+    if isinstance(outputs, np.ndarray):
+        return dequantize(outputs, sig.outputs[0])
+    return [dequantize(y, s) for y, s in zip(outputs, sig.outputs, strict=True)]

@@ -82,7 +82,7 @@ def infer_integer_shapes(model: onnx.ModelProto, batch_feeds: dict[str, np.ndarr
         )
 
 
-def reference_run(integer_onnx: onnx.ModelProto, *inputs: Any) -> list[np.ndarray]:
+def reference_run(integer_onnx: onnx.ModelProto, *inputs: Any) -> np.ndarray | list[np.ndarray]:
     """Run the integer graph on the same float inputs `CompiledModel.run` takes: same input
     checks, same boundary quantizer, same batching. Returns the integer outputs."""
     sig = load_signature(integer_onnx)
@@ -95,4 +95,4 @@ def reference_run(integer_onnx: onnx.ModelProto, *inputs: Any) -> list[np.ndarra
         out = interp.run(dict(zip(names, q, strict=True)))
         return [out[o.name] for o in sig.outputs]
 
-    return boundary.run_in_batches(fixed_batch, arrays, sig.batch)
+    return boundary.pack_outputs(boundary.run_in_batches(fixed_batch, arrays, sig.batch))

@@ -1,0 +1,98 @@
+"""The public verb `compile` and the `CompiledModel` it returns.
+
+The pipeline, top to bottom:
+    1. export       model -> float ONNX                         (frontend.to_onnx)
+    2. canonicalise one form for LN / GELU / linear / attention  (frontend.canonicalize)
+    3. calibrate    float ranges of every tensor in onnxruntime  (passes.calibration)
+    4. quantize     float graph -> integer-only ONNX graph       (passes.quantize)
+    5. verify       integer-only check                           (intq.check)
+    6. lower        integer ONNX -> TVM Relax -> target code     (codegen)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import onnx
+
+from intq import boundary
+from intq.check import check_integer_only
+from intq.config import CompileConfig, check_target
+from intq.errors import IntegerOnlyViolation
+
+
+class CompiledModel:
+    """An integer-only compiled model: run it, inspect its integer graph, export it."""
+
+    def __init__(
+        self,
+        integer_onnx: onnx.ModelProto,
+        float_onnx: onnx.ModelProto,
+        build: Any,
+        target: str,
+        config: CompileConfig,
+    ) -> None:
+        self.integer_onnx = integer_onnx
+        self.float_onnx = float_onnx
+        self.target = target
+        self.config = config
+        self._build = build
+        self.signature: boundary.Signature = build.signature
+        self._executor = build.executor()
+
+    @property
+    def output_scales(self) -> list[float | list[float] | None]:
+        return [o.scale for o in self.signature.outputs]
+
+    @property
+    def input_scales(self) -> list[float | None]:
+        return [i.scale for i in self.signature.inputs]
+
+    def run(self, *inputs: Any) -> np.ndarray | list[np.ndarray]:
+        """Run on the same float inputs the original model takes; returns integer outputs (one
+        array, or a list when the model has several). Any batch size is accepted."""
+        return self._executor.run(*inputs)
+
+    def dequantize(self, outputs: np.ndarray | list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+        """Float values of `run`'s integer outputs (output * scale)."""
+        return boundary.dequantize_outputs(self.signature, outputs)
+
+    def export(self, path: str | os.PathLike[str]) -> str:
+        """Write the deployable artifact (a shared library with the signature embedded) to
+        `path` atomically: an interrupted export leaves no file at `path`."""
+        return self._build.export(os.fspath(path))
+
+    def __repr__(self) -> str:
+        return f"CompiledModel(target={self.target!r}, inputs=[{self.signature.describe()}])"
+
+
+def compile(  # noqa: A001 - the public verb
+    model: Any,
+    example_inputs: Any,
+    calibration: Iterable[Any],
+    target: str = "cpu-int8",
+    config: CompileConfig | None = None,
+) -> CompiledModel:
+    """Compile `model` (torch.nn.Module, onnx.ModelProto or .onnx path) into an integer-only
+    model for `target`, calibrating activation ranges on `calibration` (an iterable of input
+    batches: arrays/tensors, or tuples of them for several inputs)."""
+    from intq import codegen
+    from intq.frontend import canonicalize, infer_shapes, to_onnx
+    from intq.passes.calibration import calibrate
+    from intq.passes.quantize import QuantizePass
+
+    cfg = config or CompileConfig()
+    check_target(target)
+    float_model = canonicalize(infer_shapes(to_onnx(model, example_inputs, opset=cfg.opset))).model
+    cal = calibrate(float_model, calibration, percentile=cfg.percentile)
+    integer_model = QuantizePass(cal, cfg).run(float_model).model
+    offenders = check_integer_only(integer_model)
+    if offenders:
+        raise IntegerOnlyViolation(
+            "integer graph is not integer-only: " + "; ".join(map(str, offenders[:5]))
+        )
+    build = codegen.build(integer_model, target, cfg)
+    return CompiledModel(integer_model, float_model, build, target, cfg)
