@@ -102,15 +102,20 @@ def div_round(a: Any, b: Any) -> Any:
     return (2 * a + b) // (2 * b)
 
 
-def isqrt_newton(n: Any, xp: Any = NUMPY) -> Any:
-    """floor(sqrt(n)) for 1 <= n < 2^40 by ISQRT_ITERS integer Newton steps from 2^20.
+def isqrt_step(x: Any, n: Any, xp: Any = NUMPY) -> Any:
+    """One guarded Newton step for floor(sqrt(n)): min(x, floor((x + floor(n / x)) / 2))."""
+    return xp.minimum(x, (x + n // x) >> 1)
 
-    x_{k+1} = min(x_k, floor((x_k + floor(n / x_k)) / 2)); the sequence decreases to
-    floor(sqrt(n)) and stays there. Exactness over the whole domain is checked in the tests.
+
+def isqrt_newton(n: Any, xp: Any = NUMPY) -> Any:
+    """floor(sqrt(n)) for 1 <= n < 2^40: ISQRT_ITERS `isqrt_step`s from x = 2^20.
+
+    The sequence decreases to floor(sqrt(n)) and stays there. Exactness over the whole domain
+    is checked in the tests. (Compiled kernels run the same steps as separate stages.)
     """
     x = n * 0 + ISQRT_INIT
     for _ in range(ISQRT_ITERS):
-        x = xp.minimum(x, (x + n // x) >> 1)
+        x = isqrt_step(x, n, xp)
     return x
 
 

@@ -1,0 +1,243 @@
+"""Integer ONNX -> TVM Relax. One lowering per op, registered by name; the driver walks the
+graph once in topological order. Standard data-movement ops become Relax ops; intq ops become
+TE computes (codegen/te_ops.py) placed with `emit_te`, so their arithmetic is the reference's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from tvm import relax, te
+
+from intq.errors import LoweringError
+from intq.ir import topo_sort
+from intq.ops import lookup
+from intq.ops.core import out_dtype, requant_bounds
+from intq.ops.fixedpoint import dtype_bounds
+from intq.codegen import te_ops
+
+Lowering = Callable[["LowerCtx", onnx.NodeProto, dict[str, Any]], relax.Expr]
+_LOWERINGS: dict[str, Lowering] = {}
+
+
+def lowering(*names: str) -> Callable[[Lowering], Lowering]:
+    def deco(fn: Lowering) -> Lowering:
+        for n in names:
+            _LOWERINGS[n] = fn
+        return fn
+
+    return deco
+
+
+def supported_ops() -> set[str]:
+    return set(_LOWERINGS)
+
+
+@dataclass
+class LowerCtx:
+    bb: relax.BlockBuilder
+    consts: dict[str, np.ndarray]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    env: dict[str, relax.Expr] = field(default_factory=dict)
+    kernels: Any = None  # target kernel library (schedules); None -> plain TE computes
+
+    def value(self, name: str) -> relax.Expr:
+        if name in self.env:
+            return self.env[name]
+        if name in self.consts:
+            v = relax.const(self.consts[name])
+            self.env[name] = v
+            return v
+        raise LoweringError(f"tensor {name!r} is neither computed nor constant")
+
+    def const(self, name: str) -> np.ndarray:
+        if name not in self.consts:
+            raise LoweringError(f"operand {name!r} must be a compile-time constant")
+        return self.consts[name]
+
+    def emit_te(self, fn, *args, name: str, **kw) -> relax.Expr:
+        return self.bb.emit_te(fn, *args, primfunc_name_hint=name, **kw)
+
+
+def _type_info(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    shapes, dtypes = {}, {}
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+        dtypes[vi.name] = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+    return shapes, dtypes
+
+
+def to_relax(model: onnx.ModelProto, kernels: Any = None) -> "tvm.IRModule":  # noqa: F821
+    """Build an IRModule whose `main` maps the graph inputs to the graph outputs."""
+    g = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    shapes, dtypes = _type_info(model)
+    bb = relax.BlockBuilder()
+    names = [i.name for i in g.input if i.name not in consts]
+    params = [relax.Var(n, relax.TensorType(list(shapes[n]), dtypes[n])) for n in names]
+    ctx = LowerCtx(bb, consts, shapes, dtypes, kernels=kernels)
+    with bb.function("main", params):
+        with bb.dataflow():
+            ctx.env.update(zip(names, params, strict=True))
+            for node in topo_sort(g):
+                op = lookup(node)
+                fn = _LOWERINGS.get(node.op_type)
+                if fn is None:
+                    raise LoweringError(f"no lowering for op {node.op_type!r} (node {node.name!r})")
+                try:
+                    out = fn(ctx, node, op.attrs_of(node))
+                except LoweringError:
+                    raise
+                except Exception as e:
+                    raise LoweringError(
+                        f"lowering node {node.name!r} ({node.op_type}) failed: {e}"
+                    ) from e
+                ctx.env[node.output[0]] = out
+            outs = [ctx.env[o.name] for o in g.output]
+            result = outs[0] if len(outs) == 1 else relax.Tuple(outs)
+            gv = bb.emit_output(result)
+        bb.emit_func_output(gv)
+    return bb.get()
+
+
+# ------------------------------------------------------------------ data movement (Relax ops)
+@lowering("Identity")
+def _identity(ctx: LowerCtx, node, attrs):
+    return ctx.value(node.input[0])
+
+
+@lowering("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(ctx: LowerCtx, node, attrs):
+    shape = ctx.shapes[node.output[0]]
+    return ctx.bb.emit(relax.op.reshape(ctx.value(node.input[0]), shape))
+
+
+@lowering("Transpose")
+def _transpose(ctx: LowerCtx, node, attrs):
+    perm = attrs["perm"] or None
+    return ctx.bb.emit(relax.op.permute_dims(ctx.value(node.input[0]), perm))
+
+
+@lowering("Concat")
+def _concat(ctx: LowerCtx, node, attrs):
+    xs = [ctx.value(i) for i in node.input]
+    return ctx.bb.emit(relax.op.concat(xs, axis=int(attrs["axis"])))
+
+
+@lowering("Gather")
+def _gather(ctx: LowerCtx, node, attrs):
+    idx = ctx.const(node.input[1]).astype(np.int64)
+    x = ctx.value(node.input[0])
+    axis = int(attrs["axis"])
+    out = ctx.bb.emit(relax.op.take(x, relax.const(idx.reshape(-1)), axis=axis))
+    return ctx.bb.emit(relax.op.reshape(out, ctx.shapes[node.output[0]]))
+
+
+@lowering("Slice")
+def _slice(ctx: LowerCtx, node, attrs):
+    x = ctx.value(node.input[0])
+    shape = ctx.shapes[node.input[0]]
+    starts = ctx.const(node.input[1]).tolist()
+    ends = ctx.const(node.input[2]).tolist()
+    axes = ctx.const(node.input[3]).tolist() if len(node.input) > 3 and node.input[3] else list(
+        range(len(starts))
+    )
+    steps = ctx.const(node.input[4]).tolist() if len(node.input) > 4 and node.input[4] else [1] * len(
+        starts
+    )
+    norm = [slice(s, e, st).indices(shape[a]) for s, e, a, st in zip(starts, ends, axes, steps, strict=True)]
+    return ctx.bb.emit(
+        relax.op.strided_slice(
+            x, [a % len(shape) for a in axes], [n[0] for n in norm], [n[1] for n in norm],
+            [n[2] for n in norm],
+        )
+    )
+
+
+# ------------------------------------------------------------------ intq ops (TE computes)
+def _vec_or_int(ctx: LowerCtx, name: str):
+    v = ctx.const(name)
+    if v.size == 1:
+        return int(v.reshape(())), None
+    return None, v
+
+
+@lowering("Requantize")
+def _requantize(ctx: LowerCtx, node, attrs):
+    lo, hi = requant_bounds(attrs)
+    dt = out_dtype(attrs).name
+    bi, bv = _vec_or_int(ctx, node.input[1])
+    ci, cv = _vec_or_int(ctx, node.input[2])
+    x = ctx.value(node.input[0])
+    kw = dict(axis=int(attrs["axis"]), dtype=dt, lo=lo, hi=hi)
+    if bv is None and cv is None:
+        return ctx.emit_te(lambda t: te_ops.requantize(t, bi, ci, **kw), x, name="requantize")
+    b = relax.const(ctx.const(node.input[1]).reshape(-1).astype("int32"))
+    c = relax.const(ctx.const(node.input[2]).reshape(-1).astype("int32"))
+    return ctx.emit_te(lambda t, tb, tc: te_ops.requantize(t, tb, tc, **kw), x, b, c,
+                       name="requantize_pc")
+
+
+@lowering("IntAdd")
+def _int_add(ctx: LowerCtx, node, attrs):
+    dt = out_dtype(attrs).name
+    lo, hi = dtype_bounds(dt)
+    shape = ctx.shapes[node.output[0]]
+    return ctx.emit_te(
+        lambda a, b: te_ops.int_add(a, b, shape, dt, lo, hi),
+        ctx.value(node.input[0]), ctx.value(node.input[1]), name="int_add",
+    )
+
+
+@lowering("IntLayerNorm")
+def _int_layernorm(ctx: LowerCtx, node, attrs):
+    return ctx.emit_te(
+        lambda x, g, b: te_ops.int_layernorm(
+            x, g, b, eps=int(attrs["epsilon"]), frac_bits=int(attrs["frac_bits"])
+        ),
+        *(ctx.value(i) for i in node.input), name="int_layernorm",
+    )
+
+
+@lowering("IntSoftmax")
+def _int_softmax(ctx: LowerCtx, node, attrs):
+    return ctx.emit_te(
+        lambda x: te_ops.int_softmax(x, frac_bits=int(attrs["frac_bits"])),
+        ctx.value(node.input[0]), name="int_softmax",
+    )
+
+
+@lowering("IntGELU")
+def _int_gelu(ctx: LowerCtx, node, attrs):
+    return ctx.emit_te(
+        lambda x: te_ops.int_gelu(x, alpha=int(attrs["alpha"]), frac_bits=int(attrs["frac_bits"])),
+        ctx.value(node.input[0]), name="int_gelu",
+    )
+
+
+@lowering("IntMatMul")
+def _int_matmul(ctx: LowerCtx, node, attrs):
+    has_bias = len(node.input) > 2 and node.input[2]
+    if ctx.kernels is not None and node.input[1] in ctx.consts:
+        return ctx.kernels.dense(ctx, node)
+    if ctx.kernels is not None:
+        return ctx.kernels.batch_matmul(ctx, node)
+    args = [ctx.value(i) for i in node.input if i]
+    if has_bias:
+        return ctx.emit_te(lambda a, b, c: te_ops.int_matmul(a, b, c), *args, name="int_matmul")
+    return ctx.emit_te(lambda a, b: te_ops.int_matmul(a, b), *args, name="int_matmul")
+
+
+@lowering("IntConv")
+def _int_conv(ctx: LowerCtx, node, attrs):
+    if ctx.kernels is None:
+        raise LoweringError(f"IntConv at node {node.name!r} needs a target kernel library")
+    return ctx.kernels.conv2d(ctx, node, attrs)

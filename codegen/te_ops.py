@@ -1,0 +1,151 @@
+"""TE compute definitions of the intq ops. The arithmetic is `intq.ops.fixedpoint` itself,
+evaluated over TE expressions (`TE` below), so the compiled kernels and the numpy reference
+share one formula. Every intermediate is int64, exactly as in the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tvm import te, tirx
+
+from intq.ops import core
+from intq.ops import fixedpoint as fp
+
+
+class _TENamespace:
+    """fixedpoint's integer namespace over TE/TIR expressions."""
+
+    maximum = staticmethod(tirx.max)
+    minimum = staticmethod(tirx.min)
+
+    @staticmethod
+    def where(cond, a, b):
+        return tirx.Select(cond, a, b)
+
+    @staticmethod
+    def i64(x):
+        return tirx.const(x, "int64") if isinstance(x, int) else x.astype("int64")
+
+
+TE = _TENamespace()
+
+
+def _i64(x):
+    return x.astype("int64")
+
+
+def requantize(x: te.Tensor, b, c, *, axis: int, dtype: str, lo: int, hi: int) -> te.Tensor:
+    """`b`, `c`: python ints (per-tensor) or 1-D te.Tensors indexed along `axis`."""
+    nd = len(x.shape)
+    ax = axis % nd if nd else 0
+
+    def f(*idx):
+        bb = _i64(b[idx[ax]]) if isinstance(b, te.Tensor) else tirx.const(int(b), "int64")
+        cc = _i64(c[idx[ax]]) if isinstance(c, te.Tensor) else tirx.const(int(c), "int64")
+        return fp.requantize_dyadic(_i64(x(*idx)), bb, cc, lo, hi, TE).astype(dtype)
+
+    return te.compute(x.shape, f, name="requantize")
+
+
+def int_add(a: te.Tensor, b: te.Tensor, out_shape: Sequence[int], dtype: str, lo: int, hi: int):
+    def index(t: te.Tensor, idx):
+        off = len(idx) - len(t.shape)
+        return [0 if int(t.shape[k]) == 1 else idx[off + k] for k in range(len(t.shape))]
+
+    return te.compute(
+        tuple(out_shape),
+        lambda *i: tirx.min(tirx.max(_i64(a(*index(a, i))) + _i64(b(*index(b, i))), lo), hi).astype(
+            dtype
+        ),
+        name="int_add",
+    )
+
+
+def _row_reduce(x: te.Tensor, body, name: str, kind: str = "sum") -> te.Tensor:
+    """Reduce over the last axis keeping it (shape [..., 1]); body(idx, k) -> int64 expr."""
+    n = x.shape[-1]
+    k = te.reduce_axis((0, n), name=f"k_{name}")
+    red = te.sum if kind == "sum" else te.max
+    return te.compute(
+        (*x.shape[:-1], 1), lambda *i: red(body(i[:-1], k), axis=k), name=name
+    )
+
+
+def int_layernorm(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, *, eps: int, frac_bits: int):
+    n = int(x.shape[-1])
+    s1 = _row_reduce(x, lambda r, k: _i64(x(*r, k)), "ln_sum")
+    mean = te.compute(s1.shape, lambda *i: fp.div_round(s1(*i), n), name="ln_mean")
+    s2 = _row_reduce(
+        x, lambda r, k: (_i64(x(*r, k)) - mean(*r, 0)) * (_i64(x(*r, k)) - mean(*r, 0)), "ln_sq"
+    )
+    var = te.compute(s2.shape, lambda *i: tirx.max(fp.div_round(s2(*i), n) + eps, 1), name="ln_var")
+    # isqrt_newton, one stage per step (an expression tree would double in size every step)
+    root = te.compute(var.shape, lambda *i: var(*i) * 0 + fp.ISQRT_INIT, name="ln_sqrt0")
+    def newton(r: te.Tensor):
+        return lambda *i: fp.isqrt_step(r(*i), var(*i), TE)
+
+    for step in range(fp.ISQRT_ITERS):
+        root = te.compute(var.shape, newton(root), name=f"ln_sqrt{step + 1}")
+    std = te.compute(var.shape, lambda *i: tirx.max(root(*i), 1), name="ln_std")
+    lo, hi = fp.dtype_bounds("int32")
+
+    def out(*i):
+        r = i[:-1]
+        xc = _i64(x(*i)) - mean(*r, 0)
+        y = fp.div_round(xc << frac_bits, std(*r, 0))
+        v = y * _i64(gamma[i[-1]]) + _i64(beta[i[-1]])
+        return tirx.min(tirx.max(v, lo), hi).astype("int32")
+
+    return te.compute(x.shape, out, name="int_layernorm")
+
+
+def int_softmax(x: te.Tensor, *, frac_bits: int) -> te.Tensor:
+    mx = _row_reduce(x, lambda r, k: _i64(x(*r, k)), "sm_max", kind="max")
+    e = te.compute(
+        x.shape, lambda *i: fp.exp2_neg(mx(*i[:-1], 0) - _i64(x(*i)), frac_bits, TE), name="sm_exp"
+    )
+    s = _row_reduce(e, lambda r, k: e(*r, k), "sm_sum")
+    recip = te.compute(s.shape, lambda *i: (1 << core.SOFTMAX_RECIP_BITS) // s(*i), name="sm_rcp")
+    shift = core.SOFTMAX_RECIP_BITS - core.SOFTMAX_OUT_BITS
+    return te.compute(
+        x.shape,
+        lambda *i: tirx.min(
+            (e(*i) * recip(*i[:-1], 0) + (1 << (shift - 1))) >> shift,
+            (1 << core.SOFTMAX_OUT_BITS) - 1,
+        ).astype("uint8"),
+        name="int_softmax",
+    )
+
+
+def int_gelu(x: te.Tensor, *, alpha: int, frac_bits: int) -> te.Tensor:
+    return te.compute(
+        x.shape,
+        lambda *i: core.gelu_core(_i64(x(*i)), alpha, frac_bits, TE).astype("int32"),
+        name="int_gelu",
+    )
+
+
+def int_matmul(a: te.Tensor, b: te.Tensor, bias: te.Tensor | None = None) -> te.Tensor:
+    """Batched matmul with numpy broadcasting of the batch dims; int32 accumulation."""
+    m, k_len = a.shape[-2], a.shape[-1]
+    n = b.shape[-1]
+    ba, bb = list(a.shape[:-2]), list(b.shape[:-2])
+    nb = max(len(ba), len(bb))
+    ba, bb = [1] * (nb - len(ba)) + ba, [1] * (nb - len(bb)) + bb
+    batch = [x if int(x) != 1 else y for x, y in zip(ba, bb, strict=True)]
+    k = te.reduce_axis((0, k_len), name="k")
+
+    def idx(t_batch, t, bi):
+        lead = [0 if int(d) == 1 else bi[j] for j, d in enumerate(t_batch)]
+        return lead[nb - (len(t.shape) - 2):] if len(t.shape) - 2 < nb else lead
+
+    def f(*i):
+        bi, mi, ni = i[:-2], i[-2], i[-1]
+        av = a(*idx(ba, a, bi), mi, k).astype("int32")
+        bv = b(*idx(bb, b, bi), k, ni).astype("int32")
+        return te.sum(av * bv, axis=k)
+
+    acc = te.compute((*batch, m, n), f, name="int_matmul")
+    if bias is None:
+        return acc
+    return te.compute(acc.shape, lambda *i: acc(*i) + bias[i[-1]], name="int_matmul_bias")
