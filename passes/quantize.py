@@ -82,6 +82,7 @@ class QuantizePass(Pass):
         self.q: dict[str, QTensor] = {}
         self.cache: dict[tuple[str, str, float], QTensor] = {}
         self.uses = consumers(g)
+        self.graph_outputs = {o.name for o in g.output}
         self.shapes = {
             vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
             for vi in list(g.input) + list(g.value_info) + list(g.output)
@@ -317,7 +318,7 @@ class QuantizePass(Pass):
 
     def _fusable_bias(self, node: onnx.NodeProto, n: int):
         uses = self.uses.get(node.output[0], [])
-        if len(uses) != 1 or uses[0].op_type != "Add":
+        if node.output[0] in self.graph_outputs or len(uses) != 1 or uses[0].op_type != "Add":
             return None
         add = uses[0]
         other = add.input[1] if add.input[0] == node.output[0] else add.input[0]

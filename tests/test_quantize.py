@@ -1,0 +1,199 @@
+"""QuantizePass and calibration on tiny float graphs built in the test: op list before/after,
+numerics against the float graph, and the cases where a rule must not fire."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from intq.passes.calibration import calibrate
+from intq.passes.quantize import QuantizePass
+from onnx import TensorProto, helper, numpy_helper
+
+from intq.check import check_integer_only
+from intq.errors import CalibrationError, UnsupportedOpError
+from intq.reference import ReferenceInterpreter, load_signature, reference_run
+
+RNG = np.random.default_rng(0)
+
+
+def model_of(nodes, inputs, outputs, inits, opset=18):
+    g = helper.make_graph(
+        nodes, "t", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()]
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 9
+    return onnx.shape_inference.infer_shapes(m, strict_mode=True)
+
+
+def vi(name, shape, t=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, t, shape)
+
+
+def ort_run(m, x):
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def quantize(m, batches, **kw):
+    cal = calibrate(m, batches)
+    return QuantizePass(cal, **kw).run(m).model
+
+
+def linear_model(with_bias=True, bias_other_use=False):
+    w = RNG.standard_normal((16, 8)).astype(np.float32) * 0.3
+    b = RNG.standard_normal(8).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="fc")]
+    out = "mm"
+    if with_bias:
+        nodes.append(helper.make_node("Add", ["mm", "b"], ["y"], name="fc_bias"))
+        out = "y"
+    outputs = [vi(out, [4, 3, 8])]
+    if bias_other_use:
+        outputs.append(vi("mm", [4, 3, 8]))
+    return model_of(
+        nodes, [vi("x", [4, 3, 16])], outputs, {"w": w, "b": b} if with_bias else {"w": w}
+    )
+
+
+def batches(shape, n=16, scale=1.0):
+    return [RNG.standard_normal(shape).astype(np.float32) * scale for _ in range(n)]
+
+
+def test_linear_becomes_int_matmul_with_fused_bias():
+    m = linear_model()
+    q = quantize(m, batches((4, 3, 16)))
+    assert [n.op_type for n in m.graph.node] == ["MatMul", "Add"]
+    assert [n.op_type for n in q.graph.node] == ["IntMatMul", "Requantize", "Identity"]
+    assert len(q.graph.node[0].input) == 3  # bias fused as int32
+    assert check_integer_only(q) == []
+    x = RNG.standard_normal((4, 3, 16)).astype(np.float32)
+    y = reference_run(q, x)
+    sig = load_signature(q)
+    assert y.dtype == np.int32
+    ref = ort_run(m, x)
+    assert np.abs(y * sig.outputs[0].scale - ref).max() < 0.02 * np.abs(ref).max()
+
+
+def test_bias_not_fused_when_matmul_output_has_other_readers():
+    q = quantize(linear_model(bias_other_use=True), batches((4, 3, 16)))
+    mm = [n for n in q.graph.node if n.op_type == "IntMatMul"]
+    assert len(mm) == 1 and len(mm[0].input) == 2
+    assert "IntAdd" in [n.op_type for n in q.graph.node]
+
+
+def test_residual_add_uses_int16_common_scale():
+    w = RNG.standard_normal((8, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("Add", ["x", "h"], ["y"], name="residual"),
+    ]
+    m = model_of(nodes, [vi("x", [2, 8])], [vi("y", [2, 8])], {"w": w})
+    data = batches((2, 8))
+    q = quantize(m, data)
+    add = [n for n in q.graph.node if n.op_type == "IntAdd"][0]
+    types = {v.name: v.type.tensor_type.elem_type for v in q.graph.value_info}
+    assert types[add.output[0]] == TensorProto.INT16
+    assert all(types[i] == TensorProto.INT16 for i in add.input)
+    x = data[0]  # in the calibrated range: an int8 input clipped by range would spread error
+    ref = ort_run(m, x)
+    got = reference_run(q, x) * load_signature(q).outputs[0].scale
+    assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()
+
+
+def test_scalar_mul_is_a_scale_relabel_but_tensor_mul_is_rejected():
+    nodes = [
+        helper.make_node("MatMul", ["x", "xt"], ["s"], name="qk"),
+        helper.make_node("Mul", ["s", "c"], ["y"], name="scale"),
+    ]
+    inits = {"c": np.array(0.125, np.float32)}
+    m = model_of(
+        [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1], name="t"), *nodes],
+        [vi("x", [2, 4, 8])],
+        [vi("y", [2, 4, 4])],
+        inits,
+    )
+    data = batches((2, 4, 8))
+    q = quantize(m, data)
+    assert "Mul" not in [n.op_type for n in q.graph.node]
+    x = data[0]
+    ref = ort_run(m, x)
+    got = reference_run(q, x) * load_signature(q).outputs[0].scale
+    assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()
+    bad = model_of(
+        [helper.make_node("Mul", ["x", "x"], ["y"], name="square")],
+        [vi("x", [2, 4])],
+        [vi("y", [2, 4])],
+        {},
+    )
+    with pytest.raises(UnsupportedOpError, match="square"):
+        quantize(bad, batches((2, 4)))
+
+
+def test_layernorm_softmax_gelu_become_integer_kernels():
+    d = 16
+    nodes = [
+        helper.make_node(
+            "LayerNormalization", ["x", "g", "b"], ["ln"], axis=-1, epsilon=1e-5, name="ln"
+        ),
+        helper.make_node("Softmax", ["ln"], ["sm"], axis=-1, name="sm"),
+        helper.make_node("MatMul", ["sm", "w"], ["h"], name="fc"),
+        helper.make_node("Gelu", ["h"], ["y"], name="gelu"),
+    ]
+    inits = {
+        "g": (RNG.random(d) + 0.5).astype(np.float32),
+        "b": RNG.standard_normal(d).astype(np.float32) * 0.1,
+        "w": RNG.standard_normal((d, d)).astype(np.float32),
+    }
+    m = model_of(nodes, [vi("x", [3, 5, d])], [vi("y", [3, 5, d])], inits, opset=20)
+    q = quantize(m, batches((3, 5, d), scale=2.0))
+    ops = [n.op_type for n in q.graph.node]
+    for want in ("IntLayerNorm", "IntSoftmax", "IntMatMul", "IntGELU"):
+        assert want in ops
+    for gone in ("LayerNormalization", "Softmax", "Gelu"):
+        assert gone not in ops
+    assert check_integer_only(q) == []
+    x = RNG.standard_normal((3, 5, d)).astype(np.float32) * 2
+    ref = ort_run(m, x)
+    got = reference_run(q, x) * load_signature(q).outputs[0].scale
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_unsupported_op_names_op_and_node():
+    m = model_of(
+        [helper.make_node("Sin", ["x"], ["y"], name="weird_sin")],
+        [vi("x", [2, 3])],
+        [vi("y", [2, 3])],
+        {},
+    )
+    with pytest.raises(UnsupportedOpError) as e:
+        quantize(m, batches((2, 3)))
+    assert "Sin" in str(e.value) and "weird_sin" in str(e.value)
+
+
+def test_calibration_errors_are_typed():
+    m = linear_model()
+    with pytest.raises(CalibrationError, match="empty"):
+        calibrate(m, [])
+    with pytest.raises(CalibrationError, match="shape"):
+        calibrate(m, [np.zeros((4, 3, 15), np.float32)])
+
+
+def test_calibration_percentile_below_minmax_and_any_batch_size():
+    m = linear_model()
+    data = batches((7, 3, 16), n=2)  # not the model's static batch of 4
+    cal = calibrate(m, data, percentile=99.0)
+    s = cal.stats["x"]
+    assert s.pct < s.amax
+    assert np.isclose(s.amax, max(np.abs(d).max() for d in data))
+
+
+def test_check_integer_only_reports_float_nodes():
+    m = linear_model()
+    bad = check_integer_only(m)
+    assert {o.node for o in bad} >= {"fc", "fc_bias"}
+
+
+def test_reference_interpreter_checks_dtypes_by_node():
+    q = quantize(linear_model(), batches((4, 3, 16)))
+    with pytest.raises(Exception, match="fc"):
+        ReferenceInterpreter(q).run({"x": np.zeros((4, 3, 16), np.float32)})
