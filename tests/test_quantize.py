@@ -16,6 +16,13 @@ from intq.reference import ReferenceInterpreter, load_signature, reference_run
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Each test sees the same random stream whatever ran before it."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def model_of(nodes, inputs, outputs, inits, opset=18):
     g = helper.make_graph(
         nodes, "t", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()]
