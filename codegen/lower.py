@@ -12,14 +12,14 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from tvm import relax, te
+from tvm import relax
 
+from intq.codegen import te_ops
 from intq.errors import LoweringError
 from intq.ir import topo_sort
 from intq.ops import lookup
 from intq.ops.core import out_dtype, requant_bounds
 from intq.ops.fixedpoint import dtype_bounds
-from intq.codegen import te_ops
 
 Lowering = Callable[["LowerCtx", onnx.NodeProto, dict[str, Any]], relax.Expr]
 _LOWERINGS: dict[str, Lowering] = {}
@@ -72,10 +72,13 @@ def _type_info(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict
         tt = vi.type.tensor_type
         shapes[vi.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
         dtypes[vi.name] = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+    for t in g.initializer:
+        shapes[t.name] = tuple(int(d) for d in t.dims)
+        dtypes[t.name] = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name
     return shapes, dtypes
 
 
-def to_relax(model: onnx.ModelProto, kernels: Any = None) -> "tvm.IRModule":  # noqa: F821
+def to_relax(model: onnx.ModelProto, kernels: Any = None) -> tvm.IRModule:  # noqa: F821
     """Build an IRModule whose `main` maps the graph inputs to the graph outputs."""
     g = model.graph
     consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}

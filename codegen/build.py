@@ -1,0 +1,96 @@
+"""Per-target build: lower the integer graph to Relax, compile it, scan the TIR for floats and
+wrap the result so it can run in-process or be exported as one self-describing .so.
+
+Targets are data (`TargetSpec`): how to make the TVM target, which kernel library schedules the
+heavy ops, and what the target can do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+
+from intq import boundary
+from intq.codegen import compat
+from intq.codegen.lower import to_relax
+from intq.config import CompileConfig
+from intq.errors import IntegerOnlyViolation, LoweringError
+from intq.reference import load_signature
+from intq.runtime.executor import SIGNATURE_FUNC, Executor
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    make_target: Callable[[CompileConfig], Any]
+    kernels: Callable[[Any], Any] | None  # target -> kernel library, or None for plain TE
+    device: str  # "cpu" or "cuda"
+    capabilities: frozenset[str]
+
+
+def _cpu_kernels(target: Any) -> Any:
+    from intq.codegen.cpu import CpuKernels
+
+    return CpuKernels(target)
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "cpu-int8": TargetSpec(
+        "cpu-int8",
+        lambda cfg: compat.cpu_target(host=True),
+        _cpu_kernels,
+        "cpu",
+        frozenset({"int8-gemm", "export"}),
+    ),
+}
+
+
+def add_signature(mod: tvm.IRModule, sig: boundary.Signature) -> tvm.IRModule:
+    """Add `intq_signature() -> uint8[n]`: the Signature JSON, so the .so describes itself."""
+    data = np.frombuffer(sig.to_json().encode(), dtype=np.uint8).copy()
+    bb = relax.BlockBuilder(mod)
+    with bb.function(SIGNATURE_FUNC, []):
+        bb.emit_func_output(relax.const(data))
+    return bb.get()
+
+
+@dataclass
+class Build:
+    signature: boundary.Signature
+    executable: Any
+    spec: TargetSpec
+    config: CompileConfig
+    tir_floats: list[str]
+
+    def executor(self) -> Executor:
+        dev = tvm.cpu() if self.spec.device == "cpu" else tvm.cuda()
+        vm = compat.virtual_machine(self.executable, dev)
+        return Executor(vm, self.signature, dev, self.config.num_threads)
+
+    def export(self, path: str) -> str:
+        return compat.export_library(self.executable, path)
+
+
+def build(integer_onnx: onnx.ModelProto, target: str, config: CompileConfig) -> Build:
+    spec = TARGETS.get(target)
+    if spec is None:
+        raise LoweringError(f"target {target!r} is not implemented yet (have {sorted(TARGETS)})")
+    tvm_target = spec.make_target(config)
+    sig = load_signature(integer_onnx)
+    kernels = spec.kernels(tvm_target) if spec.kernels else None
+    mod = to_relax(integer_onnx, kernels)
+    if kernels is not None:
+        mod = kernels.schedule(mod)
+    mod = add_signature(mod, sig)
+    lowered = compat.lower(mod, tvm_target)
+    floats = compat.find_float_in_tir(lowered)
+    if floats:
+        raise IntegerOnlyViolation("float found in lowered TIR: " + "; ".join(floats[:5]))
+    ex = compat.build(mod, tvm_target)
+    return Build(sig, ex, spec, config, floats)

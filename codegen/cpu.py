@@ -1,0 +1,415 @@
+"""cpu-int8 kernel library: int8 GEMM / batched matmul / conv with hand-written TIR schedules.
+
+Layout: weights pre-packed at compile time as W[N/NL, K/2, NL, 2] int8; activations widened to
+int16 once per call; the inner product is one `vpmaddwd` (s16 x s8 pairs -> s32) per NL lanes
+(AVX2: 8, AVX-512: 16) through a tensor intrinsic of our own; register tile MR x NT, parallel
+over output tiles; int32 accumulators. Without AVX2 a portable vectorized schedule is used.
+Convolution with group 1 is im2col (a TE data-movement stage) + the same GEMM. The arithmetic
+is int8 x int8 -> int32 exactly as IntMatMul / IntConv define it; tests compare bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.s_tir import Schedule, TensorIntrin
+from tvm.script import tirx as T
+
+from intq.codegen import compat, te_ops
+from intq.errors import LoweringError
+
+# ----------------------------------------------------------------------------------------------
+# Tensor intrinsics: acc[0:L] += sum_{k<2} a16[k] * b8[0:L, k]  ->  one vpmaddwd + vpaddd.
+# a is int16 (activation pre-widened once per kernel), b int8 (weights, sign-extended on load by
+# vpmovsxbw). The tensorize comparator also compares buffer scopes: C is "global" here, and so
+# must be the accumulator it is matched against (see _schedule_gemm_core).
+# ----------------------------------------------------------------------------------------------
+
+
+@T.prim_func(s_tir=True)
+def _pmaddwd_x8_desc(
+    A: T.Buffer((2,), "int16", offset_factor=1),
+    B: T.Buffer((8, 2), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _pmaddwd_x8_avx2(
+    A: T.Buffer((2,), "int16", offset_factor=1),
+    B: T.Buffer((8, 2), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        # One expression, no named temporaries: a TVMScript assignment creates a "local"-scope
+        # buffer, and LowerTVMBuiltin turns every non-"global" allocation into a heap
+        # TVMBackendAllocWorkspace call (only small "global" ones become stack allocas).
+        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.reinterpret(
+                T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
+                dtype="int16x16",
+            ),
+            T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")),
+            dtype="int32x8",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _pmaddwd_x16_desc(
+    A: T.Buffer((2,), "int16", offset_factor=1),
+    B: T.Buffer((16, 2), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _pmaddwd_x16_avx512(
+    A: T.Buffer((2,), "int16", offset_factor=1),
+    B: T.Buffer((16, 2), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
+            T.reinterpret(
+                T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 16),
+                dtype="int16x32",
+            ),
+            T.Cast("int16x32", B.vload([0, 0], dtype="int8x32")),
+            dtype="int32x16",
+        )
+
+
+INTRIN_AVX2 = "intq_pmaddwd_s16s8_x8_avx2"
+INTRIN_AVX512 = "intq_pmaddwd_s16s8_x16_avx512"
+TensorIntrin.register(INTRIN_AVX2, _pmaddwd_x8_desc, _pmaddwd_x8_avx2, override=True)
+TensorIntrin.register(INTRIN_AVX512, _pmaddwd_x16_desc, _pmaddwd_x16_avx512, override=True)
+
+# ISA -> (intrinsic or None, vector lanes NL, row tile MR, column tile NT)
+ISA_PARAMS = {
+    "avx512": (INTRIN_AVX512, 16, 6, 32),
+    "avx2": (INTRIN_AVX2, 8, 6, 16),
+    "generic": (None, 8, 4, 16),
+}
+
+
+def pick_isa(target: tvm.target.Target) -> str:
+    """Kernel flavour for a CPU target, from the target's own features (mcpu + mattr)."""
+    has = tvm.target.codegen.target_has_features
+    if has(["avx512f", "avx512bw"], target):
+        return "avx512"
+    if has("avx2", target):
+        return "avx2"
+    return "generic"
+
+
+def _ceil(a, b):
+    return (a + b - 1) // b * b
+
+
+def pack_weight(w_kn: np.ndarray, nl: int, nt: int) -> np.ndarray:
+    """int8 W[K, N] -> Wp[Np/nl, Kp/2, nl, 2] (zero padded: Kp even, Np multiple of nt)."""
+    k, n = w_kn.shape
+    kp, np_ = _ceil(k, 2), _ceil(n, nt)
+    wpad = np.zeros((kp, np_), np.int8)
+    wpad[:k, :n] = w_kn
+    return np.ascontiguousarray(wpad.reshape(kp // 2, 2, np_ // nl, nl).transpose(2, 0, 3, 1))
+
+
+def _index_dtype(e) -> str:
+    """dtype of a shape expression. In 0.27 a scalar PrimExpr/Var carries it as ``e.ty.dtype``
+    (``Var.dtype`` only exists for buffer-typed vars)."""
+    return "int32" if isinstance(e, int) else str(e.ty.dtype)
+
+
+def dense_te(x, w, bias, *, k: int, n: int, mr: int):
+    """y[m, n] = x[m, K] @ W[K, N] + bias[n] (int32) with W given packed (see pack_weight)."""
+    m = x.shape[0]
+    # One index dtype for every extent (emit_te uses int64): mixed int32/int64 bindings are not
+    # quasi-affine and decompose_reduction / tensorize refuse the block.
+    idx = lambda v: tirx.const(v, _index_dtype(m))  # noqa: E731
+    nb, kh, nl, _ = (int(s) for s in w.shape)
+    kp, np_ = kh * 2, nb * nl
+    mp = (m + mr - 1) // mr * mr
+    zero = tirx.const(0, "int8")
+
+    def widen(i, kk):
+        v = x[tirx.min(i, m - 1), kk]
+        return (v if kp == k else tirx.if_then_else(kk < k, v, zero)).astype("int16")
+
+    x16 = te.compute((mp, idx(kp)), widen, name="x16")
+    ko = te.reduce_axis((idx(0), idx(kh)), name="ko")
+    ki = te.reduce_axis((idx(0), idx(2)), name="ki")
+    acc = te.compute(
+        (mp, idx(np_)),
+        lambda i, j: te.sum(
+            x16[i, ko * 2 + ki].astype("int32") * w[j // nl, ko, j % nl, ki].astype("int32"),
+            axis=[ko, ki],
+        ),
+        name="acc",
+    )
+    return te.compute((m, idx(n)), lambda i, j: acc[i, j] + bias[j], name="y")
+
+
+def bmm_te(a, bm, *, transpose_b: bool, mr: int, nl: int, nt: int):
+    """out[g, m, n] = sum_k a[g, m, k] * B[g, k, n] (int8 x int8 -> int32); B given as (G, K, N), or
+    as (G, N, K) when transpose_b (e.g. keys for Q K^T). B is packed inside the kernel."""
+    g, m, k = a.shape
+    n = bm.shape[1] if transpose_b else bm.shape[2]
+    static = lambda e: isinstance(e, int) or isinstance(e, tirx.IntImm)  # noqa: E731
+    kp, np_ = (k + 1) // 2 * 2, (n + nt - 1) // nt * nt  # symbolic when k / n are
+    pad_k = not static(k) or int(k) % 2 != 0
+    pad_n = not static(n) or int(n) % nt != 0
+    mp = (m + mr - 1) // mr * mr
+    zero = tirx.const(0, "int8")
+
+    def widen(gg, i, kk):
+        v = a[gg, tirx.min(i, m - 1), kk]
+        za = tirx.const(0, a.dtype)  # a may be uint8 (softmax probabilities)
+        return (tirx.if_then_else(kk < k, v, za) if pad_k else v).astype("int16")
+
+    def pack(gg, jo, ko, ji, ki):
+        j, kk = jo * nl + ji, ko * 2 + ki
+        conds = ([j < n] if pad_n else []) + ([kk < k] if pad_k else [])
+        # clamp indices so the (discarded) padded lanes never read out of bounds
+        jc = tirx.min(j, n - 1) if pad_n else j
+        kc = tirx.min(kk, k - 1) if pad_k else kk
+        v = bm[gg, jc, kc] if transpose_b else bm[gg, kc, jc]
+        if conds:
+            v = tirx.if_then_else(tirx.all(*conds) if len(conds) > 1 else conds[0], v, zero)
+        return v
+
+    idx = lambda v: tirx.const(v, _index_dtype(m)) if isinstance(v, int) else v  # noqa: E731
+    a16 = te.compute((g, mp, idx(kp)), widen, name="x16")
+    bp = te.compute((g, idx(np_ // nl), idx(kp // 2), idx(nl), idx(2)), pack, name="bpack")
+    ko = te.reduce_axis((idx(0), idx(kp // 2)), name="ko")
+    ki = te.reduce_axis((idx(0), idx(2)), name="ki")
+    acc = te.compute(
+        (g, mp, np_),
+        lambda gg, i, j: te.sum(
+            a16[gg, i, ko * 2 + ki].astype("int32")
+            * bp[gg, j // nl, ko, j % nl, ki].astype("int32"),
+            axis=[ko, ki],
+        ),
+        name="acc",
+    )
+    return te.compute((g, m, n), lambda gg, i, j: acc[gg, i, j], name="y")
+
+
+def _vectorize_if_static(sch: Schedule, loop) -> None:
+    """Vectorize a loop whose extent is a constant; leave symbolic-extent loops scalar (x86 LLVM
+    vectorization needs a static lane count:
+    ``Failed to vectorize loop with extent (s + 1) // 2 * 2``)."""
+    if isinstance(sch.get(loop).extent, tirx.IntImm):
+        sch.vectorize(loop)
+
+
+def _parallel_fused(sch: Schedule, outer, inner) -> None:
+    """parallel(fuse(outer, inner)) when inner has a static extent, else parallel(outer) alone:
+    fusing with a symbolic extent leaves an int64 div/mod per element in the loop body (LLVM does
+    not hoist it), 5x slower for the packing stages."""
+    if isinstance(sch.get(inner).extent, tirx.IntImm):
+        sch.parallel(sch.fuse(outer, inner))
+    else:
+        sch.parallel(outer)
+
+
+def _schedule_gemm_core(sch: Schedule, isa: str, mr: int, nt: int, batch: bool) -> None:
+    intrin, nl, _, _ = ISA_PARAMS[isa]
+    y = sch.get_sblock("y")
+    acc = sch.get_sblock("acc")
+    loops = sch.get_loops(y)
+    i, j = loops[-2:]
+    io, ii = sch.split(i, [None, mr])
+    jo, ji = sch.split(j, [None, nt])
+    if batch:
+        sch.reorder(loops[0], io, jo, ii, ji)
+        outer = sch.fuse(loops[0], io, jo)
+    else:
+        sch.reorder(io, jo, ii, ji)
+        outer = sch.fuse(io, jo)
+    sch.parallel(outer)
+    # acc tile (mr x nt int32) computed per output tile, in a buffer allocated inside the parallel
+    # loop. Keep it "global" scope: a small constant-size global allocation becomes a stack alloca
+    # that LLVM promotes to registers, whereas set_scope(acc, 0, "local") makes LowerTVMBuiltin
+    # emit TVMBackendAllocWorkspace (heap) per tile, 1.5-5x slower. Tile must stay < 1024 bytes.
+    sch.compute_at(acc, outer)
+    ai, aj, ko, ki = sch.get_loops(acc)[-4:]
+    ajo, aji = sch.split(aj, [None, nl])
+    if intrin is not None:
+        sch.reorder(ko, ai, ajo, aji, ki)
+        init = sch.decompose_reduction(acc, ko)
+        sch.tensorize(aji, intrin)  # (aji, ki) = (nl lanes, k pair) -> one vpmaddwd
+        sch.unroll(ai)
+        sch.unroll(ajo)
+    else:  # portable int32 lanes; annotate before decompose_reduction (breaks compact dataflow)
+        sch.reorder(ko, ki, ai, ajo, aji)
+        sch.vectorize(aji)
+        sch.unroll(ai)
+        sch.unroll(ajo)
+        sch.unroll(ki)
+        init = sch.decompose_reduction(acc, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(y)[-1])  # fused epilogue, nt lanes
+
+
+def schedule_dense(func: tirx.PrimFunc, isa: str, mr: int, nt: int) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    x16 = sch.get_sblock("x16")
+    xi, xk = sch.get_loops(x16)
+    sch.parallel(xi)
+    _vectorize_if_static(sch, xk)
+    _schedule_gemm_core(sch, isa, mr, nt, batch=False)
+    return compat.mark_scheduled(sch.mod["main"])
+
+
+def schedule_bmm(func: tirx.PrimFunc, isa: str, mr: int, nt: int) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    x16 = sch.get_sblock("x16")
+    g, xi, xk = sch.get_loops(x16)
+    _parallel_fused(sch, g, xi)
+    _vectorize_if_static(sch, xk)
+    bp = sch.get_sblock("bpack")
+    g, jo, ko, ji, ki = sch.get_loops(bp)
+    _parallel_fused(sch, g, jo)
+    sch.vectorize(sch.fuse(ji, ki))
+    _schedule_gemm_core(sch, isa, mr, nt, batch=True)
+    return compat.mark_scheduled(sch.mod["main"])
+
+
+_SCHEDULERS = {"dense": schedule_dense, "bmm": schedule_bmm}
+
+
+def apply_cpu_schedules(mod: tvm.IRModule) -> tvm.IRModule:
+    """Replace every PrimFunc tagged ``intq.kernel`` (through emit_te's primfunc_attrs) with its
+    scheduled version; untagged PrimFuncs are left to the default pipeline."""
+    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
+            continue
+        if "intq.kernel" not in func.attrs:
+            continue
+        kind = str(func.attrs["intq.kernel"])
+        isa = str(func.attrs["intq.isa"])
+        mr, nt = int(func.attrs["intq.mr"]), int(func.attrs["intq.nt"])
+        mod[gv] = _SCHEDULERS[kind](func, isa, mr, nt)
+    return mod
+
+
+class CpuKernels:
+    """The kernel library `codegen.lower` calls for IntMatMul / IntConv on cpu-int8."""
+
+    def __init__(self, target: tvm.target.Target) -> None:
+        self.isa = pick_isa(target)
+        _, self.nl, self.mr, self.nt = ISA_PARAMS[self.isa]
+
+    def _attrs(self, kind: str) -> dict:
+        return {"intq.kernel": kind, "intq.isa": self.isa, "intq.mr": self.mr, "intq.nt": self.nt}
+
+    def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
+        return apply_cpu_schedules(mod)
+
+    def _gemm(self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
+        """[M, K] int8 x constant [K, N] int8 (+ bias) -> [M, N] int32."""
+        k, n = w_kn.shape
+        wp = relax.const(pack_weight(w_kn.astype(np.int8), self.nl, self.nt))
+        b = relax.const((bias if bias is not None else np.zeros(n)).astype(np.int32).reshape(n))
+        return ctx.bb.emit_te(
+            lambda x, w, c: dense_te(x, w, c, k=k, n=n, mr=self.mr),
+            x2d, wp, b, primfunc_name_hint="int8_dense", primfunc_attrs=self._attrs("dense"),
+        )
+
+    def dense(self, ctx, node) -> relax.Expr:
+        a_shape = ctx.shapes[node.input[0]]
+        w = ctx.const(node.input[1])
+        bias = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        a = ctx.value(node.input[0])
+        if ctx.dtypes[node.input[0]] != "int8":
+            return _plain_matmul(ctx, node)
+        rows = int(np.prod(a_shape[:-1]))
+        x2d = ctx.bb.emit(relax.op.reshape(a, (rows, a_shape[-1])))
+        y = self._gemm(ctx, x2d, w, bias)
+        return ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
+
+    def batch_matmul(self, ctx, node) -> relax.Expr:
+        sa, sb = ctx.shapes[node.input[0]], ctx.shapes[node.input[1]]
+        if (len(node.input) > 2 and node.input[2]) or sa[:-2] != sb[:-2] or len(sa) < 3:
+            return _plain_matmul(ctx, node)
+        g = int(np.prod(sa[:-2]))
+        a = ctx.value(node.input[0])
+        a3 = ctx.bb.emit(relax.op.reshape(a, (g, sa[-2], sa[-1])))
+        b3 = ctx.bb.emit(relax.op.reshape(ctx.value(node.input[1]), (g, sb[-2], sb[-1])))
+        y = ctx.bb.emit_te(
+            lambda x, y: bmm_te(x, y, transpose_b=False, mr=self.mr, nl=self.nl, nt=self.nt),
+            a3, b3, primfunc_name_hint="int8_bmm", primfunc_attrs=self._attrs("bmm"),
+        )
+        return ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
+
+    def conv2d(self, ctx, node, attrs) -> relax.Expr:
+        xs, ws = ctx.shapes[node.input[0]], ctx.shapes[node.input[1]]
+        n, c, h, wd = xs
+        m, cg, kh, kw = ws
+        group = int(attrs["group"])
+        if group != 1 or ctx.dtypes[node.input[0]] != "int8":
+            raise LoweringError(
+                f"IntConv {node.name!r}: only group=1 int8 convolution is lowered on cpu-int8"
+            )
+        _, _, oh, ow = ctx.shapes[node.output[0]]
+        strides = list(attrs["strides"] or [1, 1])
+        dil = list(attrs["dilations"] or [1, 1])
+        pads = list(attrs["pads"] or [0, 0, 0, 0])
+        cols = ctx.bb.emit_te(
+            lambda x: im2col(x, kh, kw, strides, dil, pads, oh, ow), ctx.value(node.input[0]),
+            primfunc_name_hint="im2col",
+        )
+        w_kn = ctx.const(node.input[1]).reshape(m, -1).T
+        bias = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        y = self._gemm(ctx, cols, np.ascontiguousarray(w_kn), bias)  # [n*oh*ow, m]
+        y = ctx.bb.emit(relax.op.reshape(y, (n, oh, ow, m)))
+        return ctx.bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+
+
+def im2col(x, kh, kw, strides, dil, pads, oh, ow):
+    """cols[(b, oy, ox), (c, i, j)] = x[b, c, oy*sh + i*dh - pt, ox*sw + j*dw - pl] (0 outside)."""
+    n, c, h, w = (int(s) for s in x.shape)
+    zero = tirx.const(0, x.dtype)
+
+    def f(r, q):
+        b, rem = r // (oh * ow), r % (oh * ow)
+        oy, ox = rem // ow, rem % ow
+        ci, rem2 = q // (kh * kw), q % (kh * kw)
+        i, j = rem2 // kw, rem2 % kw
+        y = oy * strides[0] + i * dil[0] - pads[0]
+        xx = ox * strides[1] + j * dil[1] - pads[1]
+        inside = tirx.all(y >= 0, y < h, xx >= 0, xx < w)
+        yc, xc = tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)
+        return tirx.if_then_else(inside, x[b, ci, yc, xc], zero)
+
+    return te.compute((n * oh * ow, c * kh * kw), f, name="im2col")
+
+
+def _plain_matmul(ctx, node) -> relax.Expr:
+    args = [ctx.value(i) for i in node.input if i]
+    return ctx.bb.emit_te(lambda *t: te_ops.int_matmul(*t), *args, primfunc_name_hint="int_matmul")

@@ -1,0 +1,84 @@
+"""`Executor`: the one place an intq artifact (in memory or loaded from disk) is run.
+
+An artifact is a Relax VM executable with two functions: `main` (integer inputs of the static
+batch -> integer outputs) and `intq_signature` (returns the Signature JSON as uint8 bytes), so
+the .so is self-describing and a single file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from intq import boundary
+from intq.errors import ArtifactError
+
+SIGNATURE_FUNC = "intq_signature"
+
+
+class Executor:
+    """Runs a fixed-batch integer kernel behind the float boundary: validate inputs against the
+    signature, quantize, split into static-size batches, run, return integer outputs."""
+
+    def __init__(self, vm: Any, signature: boundary.Signature, device: Any, threads: int | None):
+        from intq.codegen import compat
+
+        self._vm = vm
+        self._device = device
+        self.signature = signature
+        if threads or not os.environ.get("TVM_NUM_THREADS"):
+            compat.set_num_threads(threads or len(os.sched_getaffinity(0)))
+
+    @property
+    def output_scales(self) -> list[Any]:
+        return [o.scale for o in self.signature.outputs]
+
+    def _run_fixed(self, chunk: list[np.ndarray]) -> list[np.ndarray]:
+        from intq.codegen import compat
+
+        q = boundary.quantize_inputs(self.signature.inputs, chunk)
+        args = [compat.to_device_tensor(a, self._device) for a in q]
+        out = self._vm["main"](*args)
+        outs = compat.to_numpy(out)
+        return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+
+    def run(self, *inputs: Any) -> np.ndarray | list[np.ndarray]:
+        arrays = boundary.check_batch_inputs(self.signature.inputs, inputs)
+        outs = boundary.run_in_batches(self._run_fixed, arrays, self.signature.batch)
+        return boundary.pack_outputs(outs)
+
+    def dequantize(self, outputs: Any) -> Any:
+        return boundary.dequantize_outputs(self.signature, outputs)
+
+
+def read_signature(vm: Any) -> boundary.Signature:
+    from intq.codegen import compat
+
+    try:
+        raw = compat.to_numpy(vm[SIGNATURE_FUNC]())
+    except Exception as e:  # noqa: BLE001 - any failure means: not an intq artifact
+        raise ArtifactError(f"artifact has no {SIGNATURE_FUNC!r} function: not built by intq") from e
+    try:
+        return boundary.Signature.from_json(bytes(np.asarray(raw, dtype=np.uint8)).decode())
+    except ValueError as e:
+        raise ArtifactError(f"artifact signature is unreadable: {e}") from e
+
+
+def load(path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None) -> Executor:
+    """Load an exported artifact (.so) and return an Executor with `run` and `dequantize`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ArtifactError(f"no artifact at {path!r}")
+    import tvm
+
+    from intq.codegen import compat
+
+    try:
+        lib = compat.load_executable(path)
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"cannot load {path!r} as a TVM module: {e}") from e
+    dev = tvm.cpu() if device == "cpu" else tvm.cuda()
+    vm = compat.virtual_machine(lib, dev)
+    return Executor(vm, read_signature(vm), dev, threads)
