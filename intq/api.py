@@ -79,7 +79,7 @@ def compile(  # noqa: A001 - the public verb
     """Compile `model` (torch.nn.Module, onnx.ModelProto or .onnx path) into an integer-only
     model for `target`, calibrating activation ranges on `calibration` (an iterable of input
     batches: arrays/tensors, or tuples of them for several inputs)."""
-    from intq import codegen
+    from intq.codegen.build import build as codegen_build
     from intq.frontend import canonicalize, infer_shapes, to_onnx
     from intq.passes.calibration import calibrate
     from intq.passes.quantize import QuantizePass
@@ -94,5 +94,5 @@ def compile(  # noqa: A001 - the public verb
         raise IntegerOnlyViolation(
             "integer graph is not integer-only: " + "; ".join(map(str, offenders[:5]))
         )
-    build = codegen.build(integer_model, target, cfg)
+    build = codegen_build(integer_model, target, cfg)
     return CompiledModel(integer_model, float_model, build, target, cfg)
