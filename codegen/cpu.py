@@ -312,10 +312,32 @@ def apply_cpu_schedules(mod: tvm.IRModule) -> tvm.IRModule:
         if "intq.kernel" not in func.attrs:
             continue
         kind = str(func.attrs["intq.kernel"])
+        if kind == "elementwise":
+            mod[gv] = schedule_parallel_outer(func)
+            continue
         isa = str(func.attrs["intq.isa"])
         mr, nt = int(func.attrs["intq.mr"]), int(func.attrs["intq.nt"])
         mod[gv] = _SCHEDULERS[kind](func, isa, mr, nt)
     return mod
+
+
+def schedule_parallel_outer(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Generic schedule for elementwise / row-reduction kernels (requantize, LayerNorm, Softmax,
+    GELU, add): every block's spatial loops except the innermost are fused and run in parallel;
+    the innermost spatial loop is vectorized when it holds no reduction below it."""
+    sch = Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        loops = sch.get_loops(block)
+        iters = sch.get(block).iter_vars
+        if len(loops) != len(iters) or not loops:
+            continue
+        spatial = [lp for lp, iv in zip(loops, iters, strict=True) if iv.iter_type == 0]
+        if len(spatial) != len(loops) and spatial != loops[: len(spatial)]:
+            continue
+        outer = spatial[:-1] if len(spatial) > 1 else spatial
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+    return compat.mark_scheduled(sch.mod["main"])
 
 
 class CpuKernels:
@@ -327,6 +349,9 @@ class CpuKernels:
 
     def _attrs(self, kind: str) -> dict:
         return {"intq.kernel": kind, "intq.isa": self.isa, "intq.mr": self.mr, "intq.nt": self.nt}
+
+    def elementwise_attrs(self) -> dict:
+        return self._attrs("elementwise")
 
     def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
         return apply_cpu_schedules(mod)

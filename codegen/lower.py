@@ -62,6 +62,10 @@ class LowerCtx:
         return self.consts[name]
 
     def emit_te(self, fn, *args, name: str, **kw) -> relax.Expr:
+        """Emit an elementwise / row-reduction TE kernel (tagged for the target's generic
+        schedule when the target has a kernel library)."""
+        if self.kernels is not None:
+            kw["primfunc_attrs"] = self.kernels.elementwise_attrs()
         return self.bb.emit_te(fn, *args, primfunc_name_hint=name, **kw)
 
 
