@@ -1,7 +1,7 @@
 """The one module that touches version-sensitive TVM API (apache-tvm 0.27 / apache-tvm-ffi 0.1.14).
 
 Everything else in intq should go through these helpers, so a TVM upgrade is a one-file change.
-Facts this module relies on (see codegen/NOTES-tvm-recipe.md):
+Facts this module relies on (see codegen/TVM-NOTES.md):
 
 * TIR lives in ``tvm.tirx``, schedules in ``tvm.s_tir``; there is no ``tirx.stmt_functor``: IR walks
   use ``tvm_ffi.structural_walk`` (reflection-based, visits every node of any IR object).
