@@ -154,13 +154,15 @@ def _slice(ctx: LowerCtx, node, attrs):
     shape = ctx.shapes[node.input[0]]
     starts = ctx.const(node.input[1]).tolist()
     ends = ctx.const(node.input[2]).tolist()
-    axes = ctx.const(node.input[3]).tolist() if len(node.input) > 3 and node.input[3] else list(
-        range(len(starts))
-    )
-    steps = ctx.const(node.input[4]).tolist() if len(node.input) > 4 and node.input[4] else [1] * len(
-        starts
-    )
-    norm = [slice(s, e, st).indices(shape[a]) for s, e, a, st in zip(starts, ends, axes, steps, strict=True)]
+    def operand(k: int, default: list[int]) -> list[int]:
+        has = len(node.input) > k and node.input[k]
+        return ctx.const(node.input[k]).tolist() if has else default
+
+    axes = operand(3, list(range(len(starts))))
+    steps = operand(4, [1] * len(starts))
+    norm = [
+        slice(s, e, st).indices(shape[a]) for s, e, a, st in zip(starts, ends, axes, steps, strict=True)
+    ]
     return ctx.bb.emit(
         relax.op.strided_slice(
             x, [a % len(shape) for a in axes], [n[0] for n in norm], [n[1] for n in norm],

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from intq.passes.base import Pass, PassResult
-from intq.passes.calibration import Calibration
 from onnx import TensorProto, numpy_helper
 
 from intq import boundary
@@ -30,6 +28,8 @@ from intq.ir import INTQ_DOMAIN, INTQ_OPSET, NameGen, attrs, consumers, get_cons
 from intq.ops import fixedpoint as fp
 from intq.ops import make_node
 from intq.ops.core import SOFTMAX_OUT_BITS
+from intq.passes.base import Pass, PassResult
+from intq.passes.calibration import Calibration
 from intq.reference import infer_integer_shapes
 
 LOG2E = 1.0 / math.log(2.0)

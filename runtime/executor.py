@@ -59,7 +59,9 @@ def read_signature(vm: Any) -> boundary.Signature:
     try:
         raw = compat.to_numpy(vm[SIGNATURE_FUNC]())
     except Exception as e:  # noqa: BLE001 - any failure means: not an intq artifact
-        raise ArtifactError(f"artifact has no {SIGNATURE_FUNC!r} function: not built by intq") from e
+        raise ArtifactError(
+            f"artifact has no {SIGNATURE_FUNC!r} function: not built by intq"
+        ) from e
     try:
         return boundary.Signature.from_json(bytes(np.asarray(raw, dtype=np.uint8)).decode())
     except ValueError as e:

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from intq.frontend import (
     ConstantToInitializer,
     EliminateIdentity,
@@ -22,7 +24,6 @@ from intq.frontend import (
     to_onnx,
 )
 from intq.passes.base import Pass, PassResult
-from onnx import TensorProto, helper, numpy_helper
 
 F32 = np.float32
 RNG = np.random.default_rng(0)

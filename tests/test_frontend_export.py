@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from intq.frontend import infer_shapes, to_onnx
-from intq.frontend.export import default_opset
 from onnx import TensorProto, helper, numpy_helper
 
 from intq.errors import GraphError
+from intq.frontend import infer_shapes, to_onnx
+from intq.frontend.export import default_opset
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from intq.models.digits import evaluate, load_digits_split, train_classifier
 from intq.models.vit import (
     DIGITS_CONFIG,

@@ -5,12 +5,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from intq.passes.calibration import calibrate
-from intq.passes.quantize import QuantizePass
 from onnx import TensorProto, helper, numpy_helper
 
 from intq.check import check_integer_only
 from intq.errors import CalibrationError, UnsupportedOpError
+from intq.passes.calibration import calibrate
+from intq.passes.quantize import QuantizePass
 from intq.reference import ReferenceInterpreter, load_signature, reference_run
 
 RNG = np.random.default_rng(0)

@@ -10,6 +10,8 @@ layers are `MatMul(x, W)` [+ `Add(b)`] with W a constant (no Gemm); layer norms 
 from __future__ import annotations
 
 import onnx
+
+from intq.errors import GraphError
 from intq.frontend.canonical.constant_to_initializer import ConstantToInitializer
 from intq.frontend.canonical.eliminate_identity import EliminateIdentity
 from intq.frontend.canonical.fold_constants import FoldConstants
@@ -18,10 +20,8 @@ from intq.frontend.canonical.fuse_gelu import FuseGelu
 from intq.frontend.canonical.fuse_layernorm import FuseLayerNorm
 from intq.frontend.canonical.gemm_to_matmul_add import GemmToMatMulAdd
 from intq.frontend.export import infer_shapes
-from intq.passes.base import Pass, PassManager, PassResult
-
-from intq.errors import GraphError
 from intq.ir import remove_unused
+from intq.passes.base import Pass, PassManager, PassResult
 
 __all__ = [
     "PASSES", "canonicalize", "ConstantToInitializer", "EliminateIdentity", "FoldConstants",

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from intq.passes.base import Pass, PassResult
 from onnx import helper, numpy_helper
 
 from intq.errors import GraphError
 from intq.ir import consumers, get_constant, graph_output_names, initializer_map, producers
+from intq.passes.base import Pass, PassResult
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 

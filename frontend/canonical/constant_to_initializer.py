@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import onnx
-from intq.frontend.canonical._match import DEFAULT_DOMAINS, node_label, remove_nodes
-from intq.passes.base import Pass, PassResult
 from onnx import numpy_helper
 
 from intq.errors import GraphError
+from intq.frontend.canonical._match import DEFAULT_DOMAINS, node_label, remove_nodes
 from intq.ir import get_constant, graph_output_names
+from intq.passes.base import Pass, PassResult
 
 
 class ConstantToInitializer(Pass):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import onnx
-from intq.frontend.canonical._match import Ctx, PatternPass, Skip, node_label, remove_nodes
 
+from intq.frontend.canonical._match import Ctx, PatternPass, Skip, node_label, remove_nodes
 from intq.ir import replace_uses
 
 

@@ -6,12 +6,12 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from intq.frontend.canonical._match import DEFAULT_DOMAINS, node_label, remove_nodes, tensor_shapes
-from intq.passes.base import Pass, PassResult
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from intq.frontend.canonical._match import DEFAULT_DOMAINS, node_label, remove_nodes, tensor_shapes
 from intq.ir import get_constant, graph_output_names, initializer_map, producers, topo_sort
+from intq.passes.base import Pass, PassResult
 
 NOT_FOLDED = {
     "Constant", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",

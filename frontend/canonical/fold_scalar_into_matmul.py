@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from intq.frontend.canonical._match import Ctx, PatternPass, Skip, node_label, remove_nodes
 from onnx import helper, numpy_helper
 
+from intq.frontend.canonical._match import Ctx, PatternPass, Skip, node_label, remove_nodes
 from intq.ir import NameGen
 
 

@@ -6,6 +6,8 @@ import math
 from collections.abc import Iterator
 
 import onnx
+from onnx import helper
+
 from intq.frontend.canonical._match import (
     Ctx,
     PatternPass,
@@ -18,8 +20,6 @@ from intq.frontend.canonical._match import (
     split_const,
 )
 from intq.frontend.export import default_opset
-from onnx import helper
-
 from intq.ir import NameGen
 
 GELU_OPSET = 20

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
+
 from intq.frontend.canonical._match import (
     Ctx,
     PatternPass,
@@ -16,8 +18,6 @@ from intq.frontend.canonical._match import (
     remove_nodes,
 )
 from intq.frontend.export import default_opset
-from onnx import helper, numpy_helper
-
 from intq.ir import NameGen, attrs
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
+
 from intq.frontend.canonical._match import (
     Ctx,
     PatternPass,
@@ -12,8 +14,6 @@ from intq.frontend.canonical._match import (
     node_label,
     remove_nodes,
 )
-from onnx import helper, numpy_helper
-
 from intq.ir import NameGen, attrs
 
 
