@@ -160,9 +160,8 @@ def _slice(ctx: LowerCtx, node, attrs):
 
     axes = operand(3, list(range(len(starts))))
     steps = operand(4, [1] * len(starts))
-    norm = [
-        slice(s, e, st).indices(shape[a]) for s, e, a, st in zip(starts, ends, axes, steps, strict=True)
-    ]
+    spans = zip(starts, ends, axes, steps, strict=True)
+    norm = [slice(s, e, st).indices(shape[a]) for s, e, a, st in spans]
     return ctx.bb.emit(
         relax.op.strided_slice(
             x, [a % len(shape) for a in axes], [n[0] for n in norm], [n[1] for n in norm],
