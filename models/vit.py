@@ -246,6 +246,6 @@ DIGITS_CONFIG = ViTConfig(img_size=8, patch_size=2, in_chans=1, num_classes=10, 
 
 def vit_digits(config: ViTConfig = DIGITS_CONFIG) -> VisionTransformer:
     """Small ViT for scikit-learn's 8x8 digits (16 patches of 2x2 + cls; dim 64, depth 4,
-    4 heads, MLP ratio 2; ~135k parameters). Trained by :func:`intq.models.digits.train_digits_vit`.
+    4 heads, MLP ratio 2; 136k parameters). Trained by :func:`intq.models.digits.train_digits_vit`.
     """
     return VisionTransformer(config)

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from intq.models.digits import evaluate, load_digits_split, train_classifier
+from intq.models.digits import evaluate, load_digits_split, random_affine, train_classifier
 from intq.models.vit import (
     DIGITS_CONFIG,
     VisionTransformer,
@@ -116,6 +116,19 @@ def test_digits_split_shapes_and_determinism():
     x = a.normalize(raw)
     assert x.shape == (1797, 1, 8, 8)
     assert a.background == pytest.approx(-a.mean / a.std)
+
+
+def test_random_affine():
+    split = load_digits_split()
+    x, fill = split.x_train[:32], split.background
+    assert random_affine(x, fill, torch.Generator().manual_seed(0), prob=0.0) is x
+    ident = random_affine(x, fill, torch.Generator().manual_seed(0), degrees=0, scale=0,
+                          translate=0)
+    torch.testing.assert_close(ident, x)
+    a = random_affine(x, fill, torch.Generator().manual_seed(1))
+    b = random_affine(x, fill, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, x)
+    assert a.min() >= x.min() - 1e-5  # blank pixels stay blank, never below it
 
 
 def test_train_classifier_is_deterministic_and_learns():
