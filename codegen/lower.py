@@ -231,6 +231,14 @@ def _int_gelu(ctx: LowerCtx, node, attrs):
     )
 
 
+@lowering("IntMean")
+def _int_mean(ctx: LowerCtx, node, attrs):
+    return ctx.emit_te(
+        lambda x: te_ops.int_mean(x, axes=list(attrs["axes"]), keepdims=bool(attrs["keepdims"])),
+        ctx.value(node.input[0]), name="int_mean",
+    )
+
+
 @lowering("IntMatMul")
 def _int_matmul(ctx: LowerCtx, node, attrs):
     has_bias = len(node.input) > 2 and node.input[2]

@@ -149,3 +149,31 @@ def int_matmul(a: te.Tensor, b: te.Tensor, bias: te.Tensor | None = None) -> te.
     if bias is None:
         return acc
     return te.compute(acc.shape, lambda *i: acc(*i) + bias[i[-1]], name="int_matmul_bias")
+
+
+def int_mean(x: te.Tensor, *, axes: Sequence[int], keepdims: bool) -> te.Tensor:
+    nd = len(x.shape)
+    red = sorted(int(a) % nd for a in axes)
+    count = 1
+    for a in red:
+        count *= int(x.shape[a])
+    raxes = {a: te.reduce_axis((0, x.shape[a]), name=f"r{a}") for a in red}
+    out_shape = [1 if i in raxes else x.shape[i] for i in range(nd)] if keepdims else [
+        x.shape[i] for i in range(nd) if i not in raxes
+    ]
+
+    def total(*o):
+        it = iter(o)
+        idx = []
+        for i in range(nd):
+            if i in raxes:
+                if keepdims:
+                    next(it)
+                idx.append(raxes[i])
+            else:
+                idx.append(next(it))
+        return te.sum(_i64(x(*idx)), axis=list(raxes.values()))
+
+    s = te.compute(tuple(out_shape), total, name="mean_sum")
+    return te.compute(s.shape, lambda *i: fp.div_round(s(*i), count).astype("int32"),
+                      name="int_mean")

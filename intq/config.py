@@ -15,8 +15,8 @@ class CompileConfig:
     """Knobs of `intq.compile`. Defaults are what the tests and benchmarks use.
 
     calibration: how an int8 activation's range is taken from the calibration data:
-        "minmax" (largest |x| seen) or "percentile" (mean over batches of the batch's
-        `percentile`-th percentile of |x|). Wide tensors (int16 residuals, int32 outputs)
+        "minmax" (largest |x| seen) or "percentile" (the `percentile`-th percentile of |x|
+        over a pooled sample of the calibration data). Wide tensors (int16 residuals, int32 outputs)
         always use minmax: they have the headroom and clipping them would hurt.
     residual_dtype: width of the residual stream (adds and concats of activations).
     layernorm_frac_bits: fraction bits k of the normalised value inside IntLayerNorm.

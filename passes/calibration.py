@@ -1,8 +1,9 @@
 """Activation calibration: run the float model in onnxruntime over the calibration batches and
 record per-tensor statistics of every float tensor.
 
-Per tensor and batch we keep max|x| and the `percentile`-th percentile of |x|. Over batches:
-amax = max of the batch maxima; pct = mean of the batch percentiles. Ranges are symmetric.
+Per tensor: amax = max |x| over all batches; pct = the `percentile`-th percentile of |x| over a
+pooled sample (every value of small tensors; a uniform random subsample of SAMPLES_PER_BATCH
+values per batch of large ones, fixed seed). Ranges are symmetric.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import onnx
 
 from intq.boundary import iter_chunks
 from intq.errors import CalibrationError
+
+SAMPLES_PER_BATCH = 8192
 
 
 @dataclass
@@ -94,7 +97,8 @@ def calibrate(
     )
     in_names = [i.name for i in inputs]
     acc: dict[str, list[float]] = {n: [] for n in outputs + in_names}
-    pcts: dict[str, list[float]] = {n: [] for n in outputs + in_names}
+    pools: dict[str, list[np.ndarray]] = {n: [] for n in outputs + in_names}
+    rng = np.random.default_rng(0)
     count = 0
     for k, batch in enumerate(batches):
         arrays = [_to_numpy(b) for b in (batch if isinstance(batch, (tuple, list)) else (batch,))]
@@ -122,8 +126,9 @@ def calibrate(
                 if a.size == 0:
                     continue
                 acc[n].append(float(a.max()))
-                kth = min(a.size - 1, int(np.ceil(percentile / 100.0 * a.size)) - 1)
-                pcts[n].append(float(np.partition(a, max(kth, 0))[max(kth, 0)]))
+                if a.size > SAMPLES_PER_BATCH:
+                    a = a[rng.integers(0, a.size, SAMPLES_PER_BATCH)]
+                pools[n].append(a.copy())
         count += 1
         if progress:
             print(f"\rcalibration batch {count}", end="", flush=True)
@@ -132,6 +137,10 @@ def calibrate(
     if count == 0:
         raise CalibrationError("calibration data is empty: pass at least one batch")
     stats = {
-        n: TensorStats(max(acc[n]), float(np.mean(pcts[n])), len(acc[n])) for n in acc if acc[n]
+        n: TensorStats(
+            max(acc[n]), float(np.percentile(np.concatenate(pools[n]), percentile)), len(acc[n])
+        )
+        for n in acc
+        if acc[n]
     }
     return Calibration(stats, percentile)

@@ -172,11 +172,8 @@ class QuantizePass(Pass):
         key = (qt.name, dtype, float(scale))
         if key in self.cache and clip is None:
             return self.cache[key]
-        if (
-            qt.per_tensor
-            and qt.dtype == dtype
-            and np.isclose(float(qt.scale), scale, rtol=0, atol=0)
-        ):
+        same = qt.per_tensor and qt.dtype == dtype and float(qt.scale) == float(scale)
+        if same and clip is None:
             return qt
         ratios = np.atleast_1d(np.asarray(qt.scale, dtype=np.float64)) / scale
         bc = [fp.quantize_multiplier(float(r)) for r in ratios]
@@ -446,6 +443,45 @@ class QuantizePass(Pass):
         alpha = int(round_half_up(slope * 2**f))
         y = self._emit("IntGELU", [x.name], f"{base}_i32", base, alpha=max(alpha, 1), frac_bits=f)
         self.q[node.output[0]] = QTensor(y, "int32", np.asarray(s_x / 2**fp.EXP2_BITS))
+
+    def _op_Relu(self, node: onnx.NodeProto) -> None:
+        """ReLU folded into a requantization's saturation: clip to [0, 127] at the output's
+        calibrated int8 scale."""
+        self._clipped(node, 0.0, None)
+
+    def _op_Clip(self, node: onnx.NodeProto) -> None:
+        lo = self._const_value(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        hi = self._const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        for k, name in ((1, lo), (2, hi)):
+            if len(node.input) > k and node.input[k] and name is None:
+                raise UnsupportedOpError("Clip", node.name, "bounds must be constants")
+        self._clipped(node, None if lo is None else float(lo), None if hi is None else float(hi))
+
+    def _clipped(self, node: onnx.NodeProto, lo: float | None, hi: float | None) -> None:
+        base = _base(node.name or node.output[0])
+        s = self._scale_for(node.output[0], "int8")
+        qlo = -128 if lo is None else int(np.clip(np.ceil(lo / s - 0.5), -128, 127))
+        qhi = 127 if hi is None else int(np.clip(np.floor(hi / s + 0.5), -128, 127))
+        qt = self.requant(self._get(node.input[0]), "int8", s, base, clip=(qlo, qhi))
+        self.q[node.output[0]] = qt
+
+    def _op_ReduceMean(self, node: onnx.NodeProto) -> None:
+        a = attrs(node)
+        axes = a.get("axes")
+        if len(node.input) > 1 and node.input[1]:
+            axes = self._const_value(node.input[1])
+            if axes is None:
+                raise UnsupportedOpError("ReduceMean", node.name, "axes must be constant")
+        if axes is None or len(np.atleast_1d(axes)) == 0:
+            raise UnsupportedOpError("ReduceMean", node.name, "reduction over all axes")
+        qt = self._get(node.input[0])
+        if not qt.per_tensor:
+            qt = self.materialize(node.input[0])
+        base = _base(node.name or node.output[0])
+        y = self._emit("IntMean", [qt.name], f"{base}_i32", base,
+                       axes=[int(v) for v in np.atleast_1d(axes)],
+                       keepdims=int(a.get("keepdims", 1)))
+        self.q[node.output[0]] = QTensor(y, "int32", qt.scale)
 
     # data movement ---------------------------------------------------------------
     def _movement(self, node: onnx.NodeProto) -> None:

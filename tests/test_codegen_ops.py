@@ -184,3 +184,12 @@ def test_data_movement_ops():
             "ax": np.array([-1], np.int64),
         },
     )
+
+
+@pytest.mark.parametrize("axes,keep", [([1], 0), ([-1], 1), ([1, 2], 1)])
+def test_int_mean(axes, keep):
+    check(
+        [make_node("IntMean", ["x"], ["y"], "mean", axes=axes, keepdims=keep)],
+        {"x": ri(-32768, 32767, (2, 7, 5), np.int16)},
+        {},
+    )

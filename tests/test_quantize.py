@@ -204,3 +204,42 @@ def test_reference_interpreter_checks_dtypes_by_node():
     q = quantize(linear_model(), batches((4, 3, 16)))
     with pytest.raises(Exception, match="fc"):
         ReferenceInterpreter(q).run({"x": np.zeros((4, 3, 16), np.float32)})
+
+
+@pytest.mark.parametrize("op", ["Relu", "Clip"])
+def test_relu_and_clip_fold_into_requantize_saturation(op):
+    w = RNG.standard_normal((8, 8)).astype(np.float32)
+    inits = {"w": w}
+    ins = ["h"]
+    if op == "Clip":
+        inits |= {"lo": np.array(-0.5, np.float32), "hi": np.array(1.5, np.float32)}
+        ins += ["lo", "hi"]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node(op, ins, ["y"], name="act"),
+    ]
+    m = model_of(nodes, [vi("x", [2, 8])], [vi("y", [2, 8])], inits)
+    data = batches((2, 8))
+    q = quantize(m, data)
+    ops = [n.op_type for n in q.graph.node]
+    assert op not in ops and ops.count("Requantize") == 1
+    rq = [n for n in q.graph.node if n.op_type == "Requantize"][0]
+    assert any(a.name == "clip_min" for a in rq.attribute)
+    x = data[0]
+    ref = ort_run(m, x)
+    got = reference_run(q, x) * load_signature(q).outputs[0].scale
+    assert got.min() >= (0 if op == "Relu" else -0.5 - 1e-6)
+    assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()
+
+
+def test_reduce_mean_becomes_int_mean():
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0, name="pool")]
+    m = model_of(nodes, [vi("x", [2, 5, 8])], [vi("y", [2, 8])], {"axes": np.array([1], np.int64)})
+    data = batches((2, 5, 8))
+    q = quantize(m, data)
+    assert "IntMean" in [n.op_type for n in q.graph.node]
+    x = data[0]
+    sig = load_signature(q)
+    got = reference_run(q, x) * sig.outputs[0].scale
+    # input rounding (<= s/2 per element, averaged) plus the mean's rounding (<= s/2)
+    assert np.abs(got - x.mean(1)).max() <= sig.inputs[0].scale

@@ -380,3 +380,39 @@ register(
         "sig = (e1 << 14) // (e1+e2); Y = x*sig (int32, scale s_x*2^-14).",
     )
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# IntMean
+def _reduced_shape(shape: Shape, attrs: dict[str, Any]) -> Shape:
+    axes = {int(a) % len(shape) for a in attrs["axes"]}
+    if attrs["keepdims"]:
+        return tuple(1 if i in axes else d for i, d in enumerate(shape))
+    return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+def _mean_shape(shapes, dtypes, attrs):
+    if not attrs["axes"]:
+        raise GraphError("IntMean: axes must be given")
+    return [(_reduced_shape(shapes[0], attrs), np.dtype("int32"))]
+
+
+def _mean_ref(xs, attrs):
+    x = xs[0].astype(I64)
+    axes = tuple(int(a) % x.ndim for a in attrs["axes"])
+    n = int(np.prod([x.shape[a] for a in axes]))
+    y = fp.div_round(x.sum(axis=axes, keepdims=bool(attrs["keepdims"])), n)
+    return [y.astype(np.int32)]
+
+
+register(
+    OpDef(
+        name="IntMean",
+        domain=INTQ_DOMAIN,
+        inputs=(InputSpec("X", ("int8", "int16", "int32")),),
+        attributes={"axes": [], "keepdims": 1},
+        shape=_mean_shape,
+        reference=_mean_ref,
+        doc="Y = div_round(sum of X over axes, count) (int32, same scale as X); int64 sum.",
+    )
+)
