@@ -92,5 +92,5 @@ def build(integer_onnx: onnx.ModelProto, target: str, config: CompileConfig) -> 
     floats = compat.find_float_in_tir(lowered)
     if floats:
         raise IntegerOnlyViolation("float found in lowered TIR: " + "; ".join(floats[:5]))
-    ex = compat.build(mod, tvm_target)
+    ex = compat.build(lowered, tvm_target, lowered=True)  # the scanned module is what we build
     return Build(sig, ex, spec, config, floats)

@@ -236,7 +236,7 @@ def lower(mod: IRModule, target: Target) -> IRModule:
         return pipeline(mod)
 
 
-def build(mod: IRModule, target: Target) -> Executable:
+def build(mod: IRModule, target: Target, *, lowered: bool = False) -> Executable:
     """Compile a Relax IRModule (with any hand-scheduled PrimFuncs in it) to a VM executable.
 
     ``tvm.compile(mod, target, relax_pipeline="default", tir_pipeline="default")``. On CPU the
@@ -252,7 +252,8 @@ def build(mod: IRModule, target: Target) -> Executable:
             import cuda.bindings  # noqa: F401  (NVRTC path)
         except ImportError:
             os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
-    return tvm.compile(mod, target=target)
+    # lowered=True: `mod` already went through :func:`lower`; skip the Relax pipeline.
+    return tvm.compile(mod, target=target, relax_pipeline=None if lowered else "default")
 
 
 def export_library(executable: Executable, path: str | os.PathLike[str]) -> str:
