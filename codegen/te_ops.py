@@ -137,7 +137,7 @@ def int_matmul(a: te.Tensor, b: te.Tensor, bias: te.Tensor | None = None) -> te.
 
     def idx(t_batch, t, bi):
         lead = [0 if int(d) == 1 else bi[j] for j, d in enumerate(t_batch)]
-        return lead[nb - (len(t.shape) - 2):] if len(t.shape) - 2 < nb else lead
+        return lead[nb - (len(t.shape) - 2) :]  # t's own (trailing) batch dims
 
     def f(*i):
         bi, mi, ni = i[:-2], i[-2], i[-1]

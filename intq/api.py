@@ -46,7 +46,7 @@ class CompiledModel:
 
     @property
     def output_scales(self) -> list[float | list[float] | None]:
-        return [o.scale for o in self.signature.outputs]
+        return self._executor.output_scales
 
     @property
     def input_scales(self) -> list[float | None]:

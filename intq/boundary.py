@@ -15,12 +15,13 @@ import numpy as np
 
 from intq.errors import InputSignatureError
 
-_DT = {
+DTYPE_BOUNDS: dict[str, tuple[int, int]] = {
     "int8": (-128, 127),
     "uint8": (0, 255),
     "int16": (-32768, 32767),
     "int32": (-(2**31), 2**31 - 1),
 }
+"""Saturation range of each integer dtype (the one table; intq.ops.fixedpoint uses it too)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class Signature:
 
 def quantize_input(x: np.ndarray, scale: float, qdtype: str) -> np.ndarray:
     """q = clip(floor(x / scale + 0.5), lo, hi) computed in float64, cast to `qdtype`."""
-    lo, hi = _DT[qdtype]
+    lo, hi = DTYPE_BOUNDS[qdtype]
     q = np.floor(np.asarray(x, dtype=np.float64) / scale + 0.5)
     return np.clip(q, lo, hi).astype(qdtype)
 
@@ -136,7 +137,7 @@ def check_batch_inputs(
             raise InputSignatureError(f"inputs disagree on batch size ({batch} vs {x.shape[0]})")
         batch = x.shape[0]
         if spec.scale is None:
-            lo, hi = _DT.get(spec.qdtype, (None, None))
+            lo, hi = DTYPE_BOUNDS.get(spec.qdtype, (None, None))
             if lo is not None and x.size and (x.min() < lo or x.max() > hi):
                 raise InputSignatureError(f"input {spec.name!r} has values outside {spec.qdtype}")
         elif not np.all(np.isfinite(x)):

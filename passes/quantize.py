@@ -493,12 +493,14 @@ class QuantizePass(Pass):
                 qt = self.materialize(node.input[0])
         ins = [qt.name] + [self._copy_const(i) for i in node.input[1:]]
         base = _base(node.name or node.output[0])
-        op_attrs = {k: v for k, v in attrs(node).items()}
-        y = self._emit(node.op_type, ins, f"{base}_{qt.dtype}", base, **op_attrs)
+        y = self._emit(node.op_type, ins, f"{base}_{qt.dtype}", base, **attrs(node))
         self.q[node.output[0]] = QTensor(y, qt.dtype, qt.scale, axis if not qt.per_tensor else None)
 
     def _track_axis(self, node: onnx.NodeProto, axis: int) -> int | None:
-        """Where channel `axis` of the input lands in the output, if it survives intact."""
+        """Where channel `axis` of the input lands in the output, if it survives intact.
+        Selections (Gather, Slice) may cut the channel axis: never tracked."""
+        if node.op_type in ("Gather", "Slice"):
+            return None
         sin, sout = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
         if not sin or not sout:
             return None
@@ -525,12 +527,7 @@ class QuantizePass(Pass):
     _op_Reshape = _op_Transpose = _op_Flatten = _movement
     _op_Squeeze = _op_Unsqueeze = _op_Identity = _movement
 
-    def _op_Gather(self, node: onnx.NodeProto) -> None:
-        if not self._get(node.input[0]).per_tensor:
-            self.q[node.input[0]] = self.materialize(node.input[0])
-        self._movement(node)
-
-    _op_Slice = _op_Gather
+    _op_Gather = _op_Slice = _movement
 
     def _op_Concat(self, node: onnx.NodeProto) -> None:
         wide = any(

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from intq.boundary import DTYPE_BOUNDS
 from intq.errors import ConfigError
 
 # Fixed-point bits of the exp2 approximation's output: 2^0 == 1 is represented by 1 << EXP2_BITS.
@@ -45,14 +46,6 @@ class _NumpyNS:
 
 
 NUMPY = _NumpyNS()
-
-DTYPE_BOUNDS: dict[str, tuple[int, int]] = {
-    "int8": (-128, 127),
-    "uint8": (0, 255),
-    "int16": (-32768, 32767),
-    "int32": (-(2**31), 2**31 - 1),
-}
-
 
 def dtype_bounds(dtype: Any) -> tuple[int, int]:
     name = np.dtype(dtype).name
