@@ -27,85 +27,56 @@ from intq.errors import LoweringError
 # ----------------------------------------------------------------------------------------------
 
 
-@T.prim_func(s_tir=True)
-def _pmaddwd_x8_desc(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((8, 2), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def _pmaddwd_intrin(lanes: int, llvm_intrin: str) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    """(description, implementation) of acc[0:lanes] += sum_{k<2} a16[k] * b8[0:lanes, k] as one
+    `vpmaddwd` of 2*lanes int16 pairs (`llvm_intrin`: the AVX2 or AVX-512 form)."""
+    wide = 2 * lanes
 
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((2,), "int16", offset_factor=1),
+        B: T.Buffer((lanes, 2), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
-@T.prim_func(s_tir=True)
-def _pmaddwd_x8_avx2(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((8, 2), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        # One expression, no named temporaries: a TVMScript assignment creates a "local"-scope
-        # buffer, and LowerTVMBuiltin turns every non-"global" allocation into a heap
-        # TVMBackendAllocWorkspace call (only small "global" ones become stack allocas).
-        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            T.reinterpret(
-                T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
-                dtype="int16x16",
-            ),
-            T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")),
-            dtype="int32x8",
-        )
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((2,), "int16", offset_factor=1),
+        B: T.Buffer((lanes, 2), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            # One expression, no named temporaries: a TVMScript assignment creates a "local"
+            # buffer, which LowerTVMBuiltin turns into a heap TVMBackendAllocWorkspace call.
+            C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrin),
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), lanes),
+                    dtype=f"int16x{wide}",
+                ),
+                T.Cast(f"int16x{wide}", B.vload([0, 0], dtype=f"int8x{wide}")),
+                dtype=f"int32x{lanes}",
+            )
 
-
-@T.prim_func(s_tir=True)
-def _pmaddwd_x16_desc(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((16, 2), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
-def _pmaddwd_x16_avx512(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((16, 2), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
-        T.writes(C[0:16])
-        C[T.ramp(T.int32(0), 1, 16)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
-            T.reinterpret(
-                T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 16),
-                dtype="int16x32",
-            ),
-            T.Cast("int16x32", B.vload([0, 0], dtype="int8x32")),
-            dtype="int32x16",
-        )
+    return desc, impl
 
 
 INTRIN_AVX2 = "intq_pmaddwd_s16s8_x8_avx2"
 INTRIN_AVX512 = "intq_pmaddwd_s16s8_x16_avx512"
-TensorIntrin.register(INTRIN_AVX2, _pmaddwd_x8_desc, _pmaddwd_x8_avx2, override=True)
-TensorIntrin.register(INTRIN_AVX512, _pmaddwd_x16_desc, _pmaddwd_x16_avx512, override=True)
+TensorIntrin.register(INTRIN_AVX2, *_pmaddwd_intrin(8, "llvm.x86.avx2.pmadd.wd"), override=True)
+TensorIntrin.register(
+    INTRIN_AVX512, *_pmaddwd_intrin(16, "llvm.x86.avx512.pmaddw.d.512"), override=True
+)
 
 # ISA -> (intrinsic or None, vector lanes NL, row tile MR, column tile NT)
 ISA_PARAMS = {
