@@ -51,8 +51,9 @@ def main() -> None:
     xn = x.numpy()
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(lib.float_onnx.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        lib.float_onnx.SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
     feed = {sess.get_inputs()[0].name: xn}
     contenders = {
         "intq cpu-int8": lambda: lib.run(xn),
@@ -66,8 +67,10 @@ def main() -> None:
         for name, fn in contenders.items():
             samples[name] += [timed(fn) for _ in range(args.inner)]
     med = {k: float(np.median(v)) for k, v in samples.items()}
-    print(f"{args.model} batch {args.batch}, {threads} threads, {args.rounds} rounds x "
-          f"{args.inner}; intq compile {compile_s:.1f} s")
+    print(
+        f"{args.model} batch {args.batch}, {threads} threads, {args.rounds} rounds x "
+        f"{args.inner}; intq compile {compile_s:.1f} s"
+    )
     print(f"{'contender':22s} {'median ms':>10s} {'vs intq':>8s}")
     for name, m in med.items():
         print(f"{name:22s} {m:10.2f} {m / med['intq cpu-int8']:7.2f}x")

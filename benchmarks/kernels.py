@@ -50,8 +50,10 @@ def main() -> None:
         n = len(re.findall(r"\b" + re.escape(name) + r"\b", main_text)) or 1
         single = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
         ex = tvm.compile(single, target=target)
-        bufs = [tvm.runtime.tensor(np.zeros([int(s) for s in p.shape], str(p.dtype)), dev)
-                for p in f.params]
+        bufs = [
+            tvm.runtime.tensor(np.zeros([int(s) for s in p.shape], str(p.dtype)), dev)
+            for p in f.params
+        ]
         ms = ex.jit().time_evaluator("main", dev, number=5, repeat=3)(*bufs).mean * 1e3
         group = re.sub(r"\d+$", "", name).rstrip("_")
         total[group] += ms * n

@@ -51,16 +51,34 @@ def _copy_tvm(site: str) -> None:
 def _copy_tvm_ffi(site: str, python: str) -> None:
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     if python == here:
-        shutil.copytree(os.path.dirname(tvm_ffi.__file__), os.path.join(site, "tvm_ffi"),
-                        ignore=_ignore_pycache)
+        shutil.copytree(
+            os.path.dirname(tvm_ffi.__file__), os.path.join(site, "tvm_ffi"), ignore=_ignore_pycache
+        )
         return
     version = tvm_ffi.__version__ if hasattr(tvm_ffi, "__version__") else None
     spec = f"apache-tvm-ffi=={version}" if version else "apache-tvm-ffi"
     with tempfile.TemporaryDirectory() as wheels:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-             "--python-version", python, "--implementation", "cp", "--platform",
-             "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64", "-d", wheels, spec],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                python,
+                "--implementation",
+                "cp",
+                "--platform",
+                "manylinux_2_28_x86_64",
+                "--platform",
+                "manylinux_2_17_x86_64",
+                "-d",
+                wheels,
+                spec,
+            ],
             check=True,
         )
         (whl,) = glob.glob(os.path.join(wheels, "*.whl"))
@@ -77,8 +95,9 @@ def _copy_intq(site: str) -> None:
     import intq.codegen.compat as compat
     import intq.runtime as rt
 
-    shutil.copytree(os.path.dirname(rt.__file__), os.path.join(dst, "runtime"),
-                    ignore=_ignore_pycache)
+    shutil.copytree(
+        os.path.dirname(rt.__file__), os.path.join(dst, "runtime"), ignore=_ignore_pycache
+    )
     shutil.copy2(compat.__file__, os.path.join(dst, "codegen", "compat.py"))
     with open(os.path.join(dst, "codegen", "__init__.py"), "w") as f:
         f.write('"""Runtime-only subset: compat helpers for loading and running artifacts."""\n')
@@ -109,8 +128,11 @@ def make_bundle(out_dir: str, artifacts: Sequence[str] = (), python: str | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m intq.codegen.bundle", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m intq.codegen.bundle",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("out_dir")
     ap.add_argument("artifacts", nargs="*")
     ap.add_argument("--python", default=None, help="device Python version, e.g. 3.12")

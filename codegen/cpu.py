@@ -334,7 +334,11 @@ class CpuKernels:
         b = relax.const((bias if bias is not None else np.zeros(n)).astype(np.int32).reshape(n))
         return ctx.bb.emit_te(
             lambda x, w, c: dense_te(x, w, c, k=k, n=n, mr=self.mr),
-            x2d, wp, b, primfunc_name_hint="int8_dense", primfunc_attrs=self._attrs("dense"),
+            x2d,
+            wp,
+            b,
+            primfunc_name_hint="int8_dense",
+            primfunc_attrs=self._attrs("dense"),
         )
 
     def dense(self, ctx, node) -> relax.Expr:
@@ -359,7 +363,10 @@ class CpuKernels:
         b3 = ctx.bb.emit(relax.op.reshape(ctx.value(node.input[1]), (g, sb[-2], sb[-1])))
         y = ctx.bb.emit_te(
             lambda x, y: bmm_te(x, y, transpose_b=False, mr=self.mr, nl=self.nl, nt=self.nt),
-            a3, b3, primfunc_name_hint="int8_bmm", primfunc_attrs=self._attrs("bmm"),
+            a3,
+            b3,
+            primfunc_name_hint="int8_bmm",
+            primfunc_attrs=self._attrs("bmm"),
         )
         return ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
 
@@ -377,7 +384,8 @@ class CpuKernels:
         dil = list(attrs["dilations"] or [1, 1])
         pads = list(attrs["pads"] or [0, 0, 0, 0])
         cols = ctx.bb.emit_te(
-            lambda x: im2col(x, kh, kw, strides, dil, pads, oh, ow), ctx.value(node.input[0]),
+            lambda x: im2col(x, kh, kw, strides, dil, pads, oh, ow),
+            ctx.value(node.input[0]),
             primfunc_name_hint="im2col",
         )
         w_kn = ctx.const(node.input[1]).reshape(m, -1).T

@@ -5,6 +5,7 @@ TE computes (codegen/te_ops.py) placed with `emit_te`, so their arithmetic is th
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,17 @@ def lowering(*names: str) -> Callable[[Lowering], Lowering]:
     return deco
 
 
+# Lowerings for op families kept in their own modules (codegen/lower_<family>.py).
+LOWERING_MODULES: tuple[str, ...] = ()
+
+
+def _load_lowering_modules() -> None:
+    for mod in LOWERING_MODULES:
+        importlib.import_module(mod)
+
+
 def supported_ops() -> set[str]:
+    _load_lowering_modules()
     return set(_LOWERINGS)
 
 
@@ -84,6 +95,7 @@ def _type_info(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict
 
 def to_relax(model: onnx.ModelProto, kernels: Any = None) -> tvm.IRModule:  # noqa: F821
     """Build an IRModule whose `main` maps the graph inputs to the graph outputs."""
+    _load_lowering_modules()
     g = model.graph
     consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     shapes, dtypes = _type_info(model)
@@ -154,6 +166,7 @@ def _slice(ctx: LowerCtx, node, attrs):
     shape = ctx.shapes[node.input[0]]
     starts = ctx.const(node.input[1]).tolist()
     ends = ctx.const(node.input[2]).tolist()
+
     def operand(k: int, default: list[int]) -> list[int]:
         has = len(node.input) > k and node.input[k]
         return ctx.const(node.input[k]).tolist() if has else default
@@ -164,7 +177,10 @@ def _slice(ctx: LowerCtx, node, attrs):
     norm = [slice(s, e, st).indices(shape[a]) for s, e, a, st in spans]
     return ctx.bb.emit(
         relax.op.strided_slice(
-            x, [a % len(shape) for a in axes], [n[0] for n in norm], [n[1] for n in norm],
+            x,
+            [a % len(shape) for a in axes],
+            [n[0] for n in norm],
+            [n[1] for n in norm],
             [n[2] for n in norm],
         )
     )
@@ -190,8 +206,9 @@ def _requantize(ctx: LowerCtx, node, attrs):
         return ctx.emit_te(lambda t: te_ops.requantize(t, bi, ci, **kw), x, name="requantize")
     b = relax.const(ctx.const(node.input[1]).reshape(-1).astype("int32"))
     c = relax.const(ctx.const(node.input[2]).reshape(-1).astype("int32"))
-    return ctx.emit_te(lambda t, tb, tc: te_ops.requantize(t, tb, tc, **kw), x, b, c,
-                       name="requantize_pc")
+    return ctx.emit_te(
+        lambda t, tb, tc: te_ops.requantize(t, tb, tc, **kw), x, b, c, name="requantize_pc"
+    )
 
 
 @lowering("IntAdd")
@@ -201,7 +218,9 @@ def _int_add(ctx: LowerCtx, node, attrs):
     shape = ctx.shapes[node.output[0]]
     return ctx.emit_te(
         lambda a, b: te_ops.int_add(a, b, shape, dt, lo, hi),
-        ctx.value(node.input[0]), ctx.value(node.input[1]), name="int_add",
+        ctx.value(node.input[0]),
+        ctx.value(node.input[1]),
+        name="int_add",
     )
 
 
@@ -211,7 +230,8 @@ def _int_layernorm(ctx: LowerCtx, node, attrs):
         lambda x, g, b: te_ops.int_layernorm(
             x, g, b, eps=int(attrs["epsilon"]), frac_bits=int(attrs["frac_bits"])
         ),
-        *(ctx.value(i) for i in node.input), name="int_layernorm",
+        *(ctx.value(i) for i in node.input),
+        name="int_layernorm",
     )
 
 
@@ -219,7 +239,8 @@ def _int_layernorm(ctx: LowerCtx, node, attrs):
 def _int_softmax(ctx: LowerCtx, node, attrs):
     return ctx.emit_te(
         lambda x: te_ops.int_softmax(x, frac_bits=int(attrs["frac_bits"])),
-        ctx.value(node.input[0]), name="int_softmax",
+        ctx.value(node.input[0]),
+        name="int_softmax",
     )
 
 
@@ -227,7 +248,8 @@ def _int_softmax(ctx: LowerCtx, node, attrs):
 def _int_gelu(ctx: LowerCtx, node, attrs):
     return ctx.emit_te(
         lambda x: te_ops.int_gelu(x, alpha=int(attrs["alpha"]), frac_bits=int(attrs["frac_bits"])),
-        ctx.value(node.input[0]), name="int_gelu",
+        ctx.value(node.input[0]),
+        name="int_gelu",
     )
 
 
@@ -235,7 +257,8 @@ def _int_gelu(ctx: LowerCtx, node, attrs):
 def _int_mean(ctx: LowerCtx, node, attrs):
     return ctx.emit_te(
         lambda x: te_ops.int_mean(x, axes=list(attrs["axes"]), keepdims=bool(attrs["keepdims"])),
-        ctx.value(node.input[0]), name="int_mean",
+        ctx.value(node.input[0]),
+        name="int_mean",
     )
 
 

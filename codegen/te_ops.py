@@ -66,9 +66,7 @@ def _row_reduce(x: te.Tensor, body, name: str, kind: str = "sum") -> te.Tensor:
     n = x.shape[-1]
     k = te.reduce_axis((0, n), name=f"k_{name}")
     red = te.sum if kind == "sum" else te.max
-    return te.compute(
-        (*x.shape[:-1], 1), lambda *i: red(body(i[:-1], k), axis=k), name=name
-    )
+    return te.compute((*x.shape[:-1], 1), lambda *i: red(body(i[:-1], k), axis=k), name=name)
 
 
 def int_layernorm(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, *, eps: int, frac_bits: int):
@@ -81,6 +79,7 @@ def int_layernorm(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, *, eps: int, 
     var = te.compute(s2.shape, lambda *i: tirx.max(fp.div_round(s2(*i), n) + eps, 1), name="ln_var")
     # isqrt_newton, one stage per step (an expression tree would double in size every step)
     root = te.compute(var.shape, lambda *i: var(*i) * 0 + fp.ISQRT_INIT, name="ln_sqrt0")
+
     def newton(r: te.Tensor):
         return lambda *i: fp.isqrt_step(r(*i), var(*i), TE)
 
@@ -158,9 +157,11 @@ def int_mean(x: te.Tensor, *, axes: Sequence[int], keepdims: bool) -> te.Tensor:
     for a in red:
         count *= int(x.shape[a])
     raxes = {a: te.reduce_axis((0, x.shape[a]), name=f"r{a}") for a in red}
-    out_shape = [1 if i in raxes else x.shape[i] for i in range(nd)] if keepdims else [
-        x.shape[i] for i in range(nd) if i not in raxes
-    ]
+    out_shape = (
+        [1 if i in raxes else x.shape[i] for i in range(nd)]
+        if keepdims
+        else [x.shape[i] for i in range(nd) if i not in raxes]
+    )
 
     def total(*o):
         it = iter(o)
@@ -175,5 +176,6 @@ def int_mean(x: te.Tensor, *, axes: Sequence[int], keepdims: bool) -> te.Tensor:
         return te.sum(_i64(x(*idx)), axis=list(raxes.values()))
 
     s = te.compute(tuple(out_shape), total, name="mean_sum")
-    return te.compute(s.shape, lambda *i: fp.div_round(s(*i), count).astype("int32"),
-                      name="int_mean")
+    return te.compute(
+        s.shape, lambda *i: fp.div_round(s(*i), count).astype("int32"), name="int_mean"
+    )

@@ -16,7 +16,15 @@ from intq.frontend.canonical import (
 from intq.frontend.export import infer_shapes, to_onnx
 
 __all__ = [
-    "to_onnx", "infer_shapes", "canonicalize", "PASSES", "ConstantToInitializer",
-    "EliminateIdentity", "FoldConstants", "GemmToMatMulAdd", "FuseLayerNorm", "FuseGelu",
+    "to_onnx",
+    "infer_shapes",
+    "canonicalize",
+    "PASSES",
+    "ConstantToInitializer",
+    "EliminateIdentity",
+    "FoldConstants",
+    "GemmToMatMulAdd",
+    "FuseLayerNorm",
+    "FuseGelu",
     "FoldScalarIntoMatMul",
 ]

@@ -97,12 +97,18 @@ def _pin_input_shapes(proto: onnx.ModelProto, example_inputs: Any, src: str) -> 
         shape = tuple(int(s) for s in getattr(x, "shape", np.shape(x)))
         tt = vi.type.tensor_type
         dims = tt.shape.dim
-        if tt.HasField("shape") and (len(dims) != len(shape) or any(
-            d.HasField("dim_value") and d.dim_value != s for d, s in zip(dims, shape, strict=True)
-        )):
+        if tt.HasField("shape") and (
+            len(dims) != len(shape)
+            or any(
+                d.HasField("dim_value") and d.dim_value != s
+                for d, s in zip(dims, shape, strict=True)
+            )
+        ):
             have = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
-            raise GraphError(f"example input of shape {list(shape)} does not fit input "
-                             f"{vi.name!r} {have} of {src}")
+            raise GraphError(
+                f"example input of shape {list(shape)} does not fit input "
+                f"{vi.name!r} {have} of {src}"
+            )
         del dims[:]
         for s in shape:
             dims.add().dim_value = s
@@ -159,8 +165,11 @@ def _quiet() -> Iterator[None]:
     try:
         for lg in loggers:
             lg.setLevel(logging.CRITICAL)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
-                contextlib.redirect_stderr(sink):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -178,8 +187,13 @@ def _export_torch(module: Any, example_inputs: Any, opset: int) -> onnx.ModelPro
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(
-                module, args, dynamo=True, opset_version=opset, input_names=names,
-                verbose=False, external_data=False,
+                module,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=names,
+                verbose=False,
+                external_data=False,
             )
         if program is None:
             raise RuntimeError("torch.onnx.export returned no program")

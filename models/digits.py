@@ -21,8 +21,7 @@ from torch import Tensor, nn
 
 from .vit import vit_digits
 
-__all__ = ["DigitsSplit", "load_digits_split", "train_classifier", "train_digits_vit",
-           "evaluate"]
+__all__ = ["DigitsSplit", "load_digits_split", "train_classifier", "train_digits_vit", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -76,8 +75,9 @@ def load_digits_split(seed: int = 0, test_size: float = 0.25) -> DigitsSplit:
     data = load_digits()
     x = (data.images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     y = data.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, random_state=seed,
-                                              stratify=y)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_size, random_state=seed, stratify=y
+    )
     mean = float(x_tr.mean())
     std = float(x_tr.std())
     return DigitsSplit(
@@ -104,8 +104,16 @@ def _num_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def random_affine(x: Tensor, fill: float, generator: torch.Generator, *, prob: float = 1.0,
-                  degrees: float = 10.0, scale: float = 0.1, translate: float = 1.0) -> Tensor:
+def random_affine(
+    x: Tensor,
+    fill: float,
+    generator: torch.Generator,
+    *,
+    prob: float = 1.0,
+    degrees: float = 10.0,
+    scale: float = 0.1,
+    translate: float = 1.0,
+) -> Tensor:
     """Warp each image of ``x`` (``[B, C, H, W]``), with probability ``prob``, by its own random
     rotation in ``[-degrees, degrees]``, isotropic zoom in ``[1 - scale, 1 + scale]`` and
     translation of up to ``translate`` pixels per axis (bilinear; uncovered pixels get ``fill``).
@@ -128,8 +136,9 @@ def random_affine(x: Tensor, fill: float, generator: torch.Generator, *, prob: f
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    out = nn.functional.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros",
-                                    align_corners=False)
+    out = nn.functional.grid_sample(
+        x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     return out + fill
 
 
@@ -193,9 +202,14 @@ def train_classifier(
         else:
             decay.append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.999), fused=True)
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.999),
+        fused=True,
+    )
     n = split.x_train.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
@@ -215,7 +229,7 @@ def train_classifier(
         for _ in range(epochs):
             perm = torch.randperm(n, generator=gen)
             for i in range(0, n, batch_size):
-                idx = perm[i:i + batch_size]
+                idx = perm[i : i + batch_size]
                 xb = random_affine(split.x_train[idx], fill, gen, prob=augment_prob)
                 loss = loss_fn(model(xb), split.y_train[idx])
                 opt.zero_grad(set_to_none=True)
@@ -266,6 +280,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
     model.eval()
     correct = 0
     for i in range(0, x.shape[0], batch_size):
-        correct += int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
+        correct += int((model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum())
     model.train(was_training)
     return 100.0 * correct / x.shape[0]

@@ -67,8 +67,15 @@ class ViTConfig:
     gelu_approximate: str = "none"
 
     def __post_init__(self) -> None:
-        for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
-                     "num_heads"):
+        for name in (
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "num_classes",
+            "embed_dim",
+            "depth",
+            "num_heads",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ViTConfig.{name} must be a positive int, got {value!r}")
@@ -77,15 +84,18 @@ class ViTConfig:
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"ViTConfig.img_size ({self.img_size}) must be divisible by "
-                f"patch_size ({self.patch_size})")
+                f"patch_size ({self.patch_size})"
+            )
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"ViTConfig.embed_dim ({self.embed_dim}) must be divisible by "
-                f"num_heads ({self.num_heads})")
+                f"num_heads ({self.num_heads})"
+            )
         if self.gelu_approximate not in ("none", "tanh"):
             raise ValueError(
                 f"ViTConfig.gelu_approximate must be 'none' or 'tanh', "
-                f"got {self.gelu_approximate!r}")
+                f"got {self.gelu_approximate!r}"
+            )
 
     @property
     def grid_size(self) -> int:
@@ -149,8 +159,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int,
-                 gelu_approximate: str = "none") -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_hidden: int, gelu_approximate: str = "none"
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
@@ -177,13 +188,15 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         dim = config.embed_dim
-        self.patch_embed = nn.Conv2d(config.in_chans, dim, kernel_size=config.patch_size,
-                                     stride=config.patch_size)
+        self.patch_embed = nn.Conv2d(
+            config.in_chans, dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, dim))
         self.blocks = nn.ModuleList(
             Block(dim, config.num_heads, config.mlp_hidden, config.gelu_approximate)
-            for _ in range(config.depth))
+            for _ in range(config.depth)
+        )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, config.num_classes)
         self.reset_parameters()
@@ -219,9 +232,18 @@ class VisionTransformer(nn.Module):
 
 
 def _deit(img_size: int, num_classes: int, embed_dim: int, num_heads: int) -> VisionTransformer:
-    return VisionTransformer(ViTConfig(img_size=img_size, patch_size=16, in_chans=3,
-                                       num_classes=num_classes, embed_dim=embed_dim, depth=12,
-                                       num_heads=num_heads, mlp_ratio=4.0))
+    return VisionTransformer(
+        ViTConfig(
+            img_size=img_size,
+            patch_size=16,
+            in_chans=3,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=12,
+            num_heads=num_heads,
+            mlp_ratio=4.0,
+        )
+    )
 
 
 def deit_tiny(num_classes: int = 1000, img_size: int = 224) -> VisionTransformer:
@@ -239,8 +261,16 @@ def deit_base(num_classes: int = 1000, img_size: int = 224) -> VisionTransformer
     return _deit(img_size, num_classes, 768, 12)
 
 
-DIGITS_CONFIG = ViTConfig(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64,
-                          depth=4, num_heads=4, mlp_ratio=2.0)
+DIGITS_CONFIG = ViTConfig(
+    img_size=8,
+    patch_size=2,
+    in_chans=1,
+    num_classes=10,
+    embed_dim=64,
+    depth=4,
+    num_heads=4,
+    mlp_ratio=2.0,
+)
 """The :func:`vit_digits` configuration: 8x8x1 images, 16 patches of 2x2 plus cls."""
 
 

@@ -14,7 +14,9 @@ The pass emits no float tensor and no float op; scales land only in the Signatur
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +47,30 @@ ONNX_DT = {
 # headroom below the calibrated range (so 2^(31-OUTPUT_BITS) x the range still fits).
 OUTPUT_BITS = 23
 MOVEMENT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+# Rules for op families kept in their own modules (passes/quantize_<family>.py) register here;
+# a rule is `fn(qp: QuantizePass, node: onnx.NodeProto) -> None` and sets qp.q[output].
+QuantRule = Callable[["QuantizePass", onnx.NodeProto], None]
+_RULES: dict[str, QuantRule] = {}
+RULE_MODULES: tuple[str, ...] = ()
+
+
+def quant_rule(*op_types: str) -> Callable[[QuantRule], QuantRule]:
+    """Register `fn` as the integer rule for the ONNX `op_types` (overrides a method rule)."""
+
+    def deco(fn: QuantRule) -> QuantRule:
+        for op in op_types:
+            _RULES[op] = fn
+        return fn
+
+    return deco
+
+
+def _rule_for(op_type: str) -> Callable[[onnx.NodeProto], None] | None:
+    for mod in RULE_MODULES:
+        importlib.import_module(mod)
+    return _RULES.get(op_type)
 
 
 def round_half_up(x: np.ndarray) -> np.ndarray:
@@ -100,10 +126,14 @@ class QuantizePass(Pass):
                 continue
             if node.op_type == "Constant":
                 continue
+            rule = _rule_for(node.op_type)
             handler = getattr(self, f"_op_{node.op_type}", None)
-            if handler is None or node.domain not in ("", "ai.onnx"):
+            if (rule is None and handler is None) or node.domain not in ("", "ai.onnx"):
                 raise UnsupportedOpError(node.op_type, node.name, "no integer rule for this op")
-            handler(node)
+            if rule is not None:
+                rule(self, node)
+            else:
+                handler(node)
         out_specs = [self._graph_output(o) for o in g.output]
         batch = in_specs[0].shape[0] if in_specs and in_specs[0].shape else 1
         sig = boundary.Signature(tuple(in_specs), tuple(out_specs), int(batch))
@@ -478,9 +508,14 @@ class QuantizePass(Pass):
         if not qt.per_tensor:
             qt = self.materialize(node.input[0])
         base = _base(node.name or node.output[0])
-        y = self._emit("IntMean", [qt.name], f"{base}_i32", base,
-                       axes=[int(v) for v in np.atleast_1d(axes)],
-                       keepdims=int(a.get("keepdims", 1)))
+        y = self._emit(
+            "IntMean",
+            [qt.name],
+            f"{base}_i32",
+            base,
+            axes=[int(v) for v in np.atleast_1d(axes)],
+            keepdims=int(a.get("keepdims", 1)),
+        )
         self.q[node.output[0]] = QTensor(y, "int32", qt.scale)
 
     # data movement ---------------------------------------------------------------

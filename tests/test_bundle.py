@@ -29,9 +29,21 @@ def test_bundle_runs_artifact_without_compiler(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run(
-        [sys.executable, "-c", code, site, os.path.join(out, "m.so"), "--input",
-         str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")],
-        capture_output=True, text=True, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-c",
+            code,
+            site,
+            os.path.join(out, "m.so"),
+            "--input",
+            str(tmp_path / "x.npy"),
+            "--output",
+            str(tmp_path / "y.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "compiler library loaded: False" in res.stdout

@@ -57,8 +57,9 @@ def make_model(
 def feeds_for(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     init = {t.name for t in model.graph.initializer}
     return {
-        i.name: RNG.standard_normal([d.dim_value or 2 for d in i.type.tensor_type.shape.dim])
-        .astype(F32)
+        i.name: RNG.standard_normal(
+            [d.dim_value or 2 for d in i.type.tensor_type.shape.dim]
+        ).astype(F32)
         for i in model.graph.input
         if i.name not in init
     }
@@ -152,8 +153,11 @@ def test_fold_constants_reshape_target_and_arithmetic() -> None:
         mk("Mul", ["r", "w"], "y"),
     ]
     inits = {
-        "i0": np.array(0, np.int64), "ax0": np.array([0], np.int64),
-        "m1": np.array([-1], np.int64), "c1": np.array(1.5, F32), "c2": np.array(0.5, F32),
+        "i0": np.array(0, np.int64),
+        "ax0": np.array([0], np.int64),
+        "m1": np.array([-1], np.int64),
+        "c1": np.array(1.5, F32),
+        "c2": np.array(0.5, F32),
     }
     m = make_model(nodes, {"x": [2, 3, 4]}, ["y"], inits)
     res = apply(FoldConstants(), m)
@@ -164,11 +168,16 @@ def test_fold_constants_reshape_target_and_arithmetic() -> None:
 
 
 def test_fold_constants_must_not_fire() -> None:
-    m = make_model([mk("Add", ["c1", "c2"], "y"), mk("Relu", ["x"], "r")], {"x": [2]},
-                   ["y", "r"], {"c1": np.array(1.0, F32), "c2": np.array(2.0, F32)})
+    m = make_model(
+        [mk("Add", ["c1", "c2"], "y"), mk("Relu", ["x"], "r")],
+        {"x": [2]},
+        ["y", "r"],
+        {"c1": np.array(1.0, F32), "c2": np.array(2.0, F32)},
+    )
     assert_unchanged(FoldConstants(), m, "graph output")
-    m = make_model([mk("Shape", ["x"], "s"), mk("Reshape", ["x", "s"], "y")], {"x": ["N", 3]},
-                   ["y"])
+    m = make_model(
+        [mk("Shape", ["x"], "s"), mk("Reshape", ["x", "s"], "y")], {"x": ["N", 3]}, ["y"]
+    )
     assert_unchanged(FoldConstants(), m, "not static")
 
 
@@ -184,15 +193,18 @@ def test_gemm_to_matmul_add(trans_b: int) -> None:
 
 
 def test_gemm_without_bias() -> None:
-    m = make_model([mk("Gemm", ["x", "w"], "y")], {"x": [3, 4]}, ["y"],
-                   {"w": np.ones((4, 2), F32)})
+    m = make_model([mk("Gemm", ["x", "w"], "y")], {"x": [3, 4]}, ["y"], {"w": np.ones((4, 2), F32)})
     assert ops(apply(GemmToMatMulAdd(), m).model) == ["MatMul"]
 
 
 @pytest.mark.parametrize(
     ("kw", "reason"),
-    [({"alpha": 0.5}, "alpha"), ({"beta": 2.0}, "beta"), ({"transA": 1}, "transA"),
-     ({}, "not a constant")],
+    [
+        ({"alpha": 0.5}, "alpha"),
+        ({"beta": 2.0}, "beta"),
+        ({"transA": 1}, "transA"),
+        ({}, "not a constant"),
+    ],
 )
 def test_gemm_must_not_fire(kw: dict, reason: str) -> None:
     inputs: dict[str, list] = {"x": [4, 4] if kw.get("transA") else [3, 4]}
@@ -205,8 +217,9 @@ def test_gemm_must_not_fire(kw: dict, reason: str) -> None:
 
 
 # ---------------------------------------------------------------------------- FuseLayerNorm
-def ln_nodes(opset: int, square: str = "pow", recip: bool = False, axes: int = -1,
-             affine: bool = True) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+def ln_nodes(
+    opset: int, square: str = "pow", recip: bool = False, axes: int = -1, affine: bool = True
+) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
     inits: dict[str, np.ndarray] = {"two": np.array(2.0, F32), "eps": np.array(1e-5, F32)}
     if opset >= 18:
         inits["axes"] = np.array([axes], np.int64)
@@ -235,8 +248,12 @@ def ln_nodes(opset: int, square: str = "pow", recip: bool = False, axes: int = -
 
 @pytest.mark.parametrize(
     ("opset", "square", "recip", "affine"),
-    [(18, "pow", False, True), (17, "mul", True, False), (17, "pow", False, True),
-     (18, "mul", True, True)],
+    [
+        (18, "pow", False, True),
+        (17, "mul", True, False),
+        (17, "pow", False, True),
+        (18, "mul", True, True),
+    ],
 )
 def test_fuse_layernorm(opset: int, square: str, recip: bool, affine: bool) -> None:
     nodes, inits = ln_nodes(opset, square, recip, affine=affine)
@@ -276,17 +293,25 @@ def erf_nodes(pre: str, order: str, scale: float | None = None):
 
 
 def tanh_nodes(cube: str):
-    inits = {"three": np.array(3.0, F32), "c": np.array(0.044715, F32),
-             "k": np.array(math.sqrt(2 / math.pi), F32), "one": np.array(1.0, F32),
-             "half": np.array(0.5, F32)}
+    inits = {
+        "three": np.array(3.0, F32),
+        "c": np.array(0.044715, F32),
+        "k": np.array(math.sqrt(2 / math.pi), F32),
+        "one": np.array(1.0, F32),
+        "half": np.array(0.5, F32),
+    }
     if cube == "pow":
         nodes = [mk("Pow", ["x", "three"], "x3")]
     else:
         nodes = [mk("Mul", ["x", "x"], "x2"), mk("Mul", ["x2", "x"], "x3")]
     nodes += [
-        mk("Mul", ["c", "x3"], "cx3"), mk("Add", ["x", "cx3"], "inner"),
-        mk("Mul", ["inner", "k"], "v"), mk("Tanh", ["v"], "th"), mk("Add", ["th", "one"], "s"),
-        mk("Mul", ["half", "s"], "t"), mk("Mul", ["x", "t"], "y"),
+        mk("Mul", ["c", "x3"], "cx3"),
+        mk("Add", ["x", "cx3"], "inner"),
+        mk("Mul", ["inner", "k"], "v"),
+        mk("Tanh", ["v"], "th"),
+        mk("Add", ["th", "one"], "s"),
+        mk("Mul", ["half", "s"], "t"),
+        mk("Mul", ["x", "t"], "y"),
     ]
     return nodes, inits
 
@@ -333,41 +358,56 @@ ATT_IN = {"q": [1, 2, 4, 8], "kt": [1, 2, 8, 4]}
 
 
 def test_fold_scalar_sdpa_form() -> None:
-    s = np.array([8 ** -0.25], F32)
-    nodes = [mk("Mul", ["q", "s"], "qs"), mk("Mul", ["s", "kt"], "ks"),
-             mk("MatMul", ["qs", "ks"], "a"), mk("Softmax", ["a"], "y", axis=-1)]
+    s = np.array([8**-0.25], F32)
+    nodes = [
+        mk("Mul", ["q", "s"], "qs"),
+        mk("Mul", ["s", "kt"], "ks"),
+        mk("MatMul", ["qs", "ks"], "a"),
+        mk("Softmax", ["a"], "y", axis=-1),
+    ]
     res = apply(FoldScalarIntoMatMul(), make_model(nodes, ATT_IN, ["y"], {"s": s}))
     assert ops(res.model) == ["MatMul", "Mul", "Softmax"]
     c = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
-    assert c[res.model.graph.node[1].input[1]] == pytest.approx(8 ** -0.5, rel=1e-6)
+    assert c[res.model.graph.node[1].input[1]] == pytest.approx(8**-0.5, rel=1e-6)
 
 
 def test_fold_scalar_div_merges_and_output_div_becomes_mul() -> None:
-    nodes = [mk("Div", ["q", "c"], "qs"), mk("MatMul", ["qs", "kt"], "a"),
-             mk("Div", ["a", "c2"], "as"), mk("Softmax", ["as"], "y", axis=-1)]
+    nodes = [
+        mk("Div", ["q", "c"], "qs"),
+        mk("MatMul", ["qs", "kt"], "a"),
+        mk("Div", ["a", "c2"], "as"),
+        mk("Softmax", ["as"], "y", axis=-1),
+    ]
     inits = {"c": np.array(2.0, F32), "c2": np.array(4.0, F32)}
     res = apply(FoldScalarIntoMatMul(), make_model(nodes, ATT_IN, ["y"], inits))
     assert ops(res.model) == ["MatMul", "Mul", "Softmax"]
     c = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
     assert c[res.model.graph.node[1].input[1]] == pytest.approx(0.125)
-    nodes = [mk("MatMul", ["q", "kt"], "a"), mk("Div", ["a", "c2"], "as"),
-             mk("Softmax", ["as"], "y", axis=-1)]
+    nodes = [
+        mk("MatMul", ["q", "kt"], "a"),
+        mk("Div", ["a", "c2"], "as"),
+        mk("Softmax", ["as"], "y", axis=-1),
+    ]
     res = apply(FoldScalarIntoMatMul(), make_model(nodes, ATT_IN, ["y"], inits))
     assert ops(res.model) == ["MatMul", "Mul", "Softmax"]
 
 
 @pytest.mark.parametrize(
     ("value", "extra_use", "reason"),
-    [(np.array(-0.5, F32), False, "not positive"),
-     (np.full(8, 0.5, F32), False, "not a float scalar"),
-     (np.array(0.5, F32), True, "other consumers")],
+    [
+        (np.array(-0.5, F32), False, "not positive"),
+        (np.full(8, 0.5, F32), False, "not a float scalar"),
+        (np.array(0.5, F32), True, "other consumers"),
+    ],
 )
 def test_fold_scalar_must_not_fire(value: np.ndarray, extra_use: bool, reason: str) -> None:
-    nodes = [mk("Mul", ["q", "s"], "qs"), mk("MatMul", ["qs", "kt"], "a"),
-             mk("Softmax", ["a"], "y", axis=-1)]
+    nodes = [
+        mk("Mul", ["q", "s"], "qs"),
+        mk("MatMul", ["qs", "kt"], "a"),
+        mk("Softmax", ["a"], "y", axis=-1),
+    ]
     outs = ["y", "qs"] if extra_use else ["y"]
-    assert_unchanged(FoldScalarIntoMatMul(), make_model(nodes, ATT_IN, outs, {"s": value}),
-                     reason)
+    assert_unchanged(FoldScalarIntoMatMul(), make_model(nodes, ATT_IN, outs, {"s": value}), reason)
 
 
 def test_fold_scalar_ignores_linear_layers() -> None:
@@ -434,7 +474,7 @@ def test_canonicalize_torch_blocks(case: str) -> None:
         mul = nodes[sm.input[0]]
         assert mul.op_type == "Mul" and nodes[mul.input[0]].op_type == "MatMul"
         c = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
-        assert float(c[mul.input[1]]) == pytest.approx(8 ** -0.5, rel=1e-6)
+        assert float(c[mul.input[1]]) == pytest.approx(8**-0.5, rel=1e-6)
     names = [i.name for i in res.model.graph.input]
     got = run_ort(res.model, {n: x.numpy() for n, x in zip(names, xs, strict=True)})[0]
     with torch.no_grad():
@@ -452,6 +492,9 @@ def test_canonicalize_shapes_and_skips() -> None:
     res = canonicalize(m)
     assert "Identity" not in ops(res.model) and "Erf" in ops(res.model)
     assert any("FuseGelu" in s and "expected 1.41" in s for s in res.skipped)
-    shaped = {vi.name for vi in [*res.model.graph.value_info, *res.model.graph.output]
-              if all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)}
+    shaped = {
+        vi.name
+        for vi in [*res.model.graph.value_info, *res.model.graph.output]
+        if all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)
+    }
     assert {o for n in res.model.graph.node for o in n.output} <= shaped

@@ -197,5 +197,8 @@ def test_int_mean(axes, keep):
 
 def test_int_matmul_broadcast_batch_plain_path():
     """Batch dims that broadcast ([3, M, K] x [K, N] activation) take the plain TE kernel."""
-    check([make_node("IntMatMul", ["a", "b"], ["y"], "mm_plain")],
-          {"a": ri(-128, 127, (3, 5, 9), np.int8), "b": ri(-128, 127, (9, 4), np.int8)}, {})
+    check(
+        [make_node("IntMatMul", ["a", "b"], ["y"], "mm_plain")],
+        {"a": ri(-128, 127, (3, 5, 9), np.int8), "b": ri(-128, 127, (9, 4), np.int8)},
+        {},
+    )

@@ -25,9 +25,19 @@ def test_digits_vit_integer_accuracy_from_reloaded_so(tmp_path):
     lib.export(path)
     np.save(tmp_path / "x.npy", x_test)
     out = subprocess.run(
-        [sys.executable, "-m", "intq.runtime", str(path), "--input", str(tmp_path / "x.npy"),
-         "--output", str(tmp_path / "y.npy")],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "intq.runtime",
+            str(path),
+            "--input",
+            str(tmp_path / "x.npy"),
+            "--output",
+            str(tmp_path / "y.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "compiler library loaded: False" in out
     logits = np.load(tmp_path / "y.npy")

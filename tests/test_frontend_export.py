@@ -120,7 +120,8 @@ def test_infer_shapes_gives_every_tensor_a_static_shape() -> None:
 def measured_model(node: onnx.NodeProto, extra: list[onnx.NodeProto]) -> onnx.ModelProto:
     nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"), node, *extra]
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.array([0], np.int64), "zero")],

@@ -19,8 +19,16 @@ from intq.models.vit import (
     vit_digits,
 )
 
-TINY = ViTConfig(img_size=8, patch_size=4, in_chans=1, num_classes=5, embed_dim=16, depth=1,
-                 num_heads=2, mlp_ratio=2.0)
+TINY = ViTConfig(
+    img_size=8,
+    patch_size=4,
+    in_chans=1,
+    num_classes=5,
+    embed_dim=16,
+    depth=1,
+    num_heads=2,
+    mlp_ratio=2.0,
+)
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -47,8 +55,10 @@ def test_deit_small_runs_small_images():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize(("factory", "dim", "heads", "n_params"),
-                         [(deit_small, 384, 6, 22.05e6), (deit_base, 768, 12, 86.57e6)])
+@pytest.mark.parametrize(
+    ("factory", "dim", "heads", "n_params"),
+    [(deit_small, 384, 6, 22.05e6), (deit_base, 768, 12, 86.57e6)],
+)
 @torch.no_grad()
 def test_deit_small_base_at_224_on_meta(factory, dim, heads, n_params):
     with torch.device("meta"):  # no memory, no init cost
@@ -78,13 +88,22 @@ def test_init_like_timm():
     assert torch.all(model.norm.weight == 1) and torch.all(model.norm.bias == 0)
 
 
-@pytest.mark.parametrize(("change", "match"), [
-    ({"embed_dim": 64, "num_heads": 3}, r"embed_dim \(64\) must be divisible by num_heads \(3\)"),
-    ({"img_size": 10, "patch_size": 4}, r"img_size \(10\) must be divisible by patch_size \(4\)"),
-    ({"depth": 0}, "depth must be a positive int"),
-    ({"mlp_ratio": 0.0}, "mlp_ratio must be > 0"),
-    ({"gelu_approximate": "fast"}, "gelu_approximate"),
-])
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (
+            {"embed_dim": 64, "num_heads": 3},
+            r"embed_dim \(64\) must be divisible by num_heads \(3\)",
+        ),
+        (
+            {"img_size": 10, "patch_size": 4},
+            r"img_size \(10\) must be divisible by patch_size \(4\)",
+        ),
+        ({"depth": 0}, "depth must be a positive int"),
+        ({"mlp_ratio": 0.0}, "mlp_ratio must be > 0"),
+        ({"gelu_approximate": "fast"}, "gelu_approximate"),
+    ],
+)
 def test_config_validation(change, match):
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(TINY, **change)
@@ -112,6 +131,7 @@ def test_digits_split_shapes_and_determinism():
     c = load_digits_split(seed=1)
     assert not torch.equal(a.y_test, c.y_test)
     from sklearn.datasets import load_digits
+
     raw = load_digits().images
     x = a.normalize(raw)
     assert x.shape == (1797, 1, 8, 8)
@@ -122,8 +142,9 @@ def test_random_affine():
     split = load_digits_split()
     x, fill = split.x_train[:32], split.background
     assert random_affine(x, fill, torch.Generator().manual_seed(0), prob=0.0) is x
-    ident = random_affine(x, fill, torch.Generator().manual_seed(0), degrees=0, scale=0,
-                          translate=0)
+    ident = random_affine(
+        x, fill, torch.Generator().manual_seed(0), degrees=0, scale=0, translate=0
+    )
     torch.testing.assert_close(ident, x)
     a = random_affine(x, fill, torch.Generator().manual_seed(1))
     b = random_affine(x, fill, torch.Generator().manual_seed(1))
@@ -137,8 +158,9 @@ def test_train_classifier_is_deterministic_and_learns():
 
     def run():
         torch.manual_seed(0)
-        return train_classifier(VisionTransformer(small), split, epochs=2, lr=3e-3, seed=0,
-                                threads=1)
+        return train_classifier(
+            VisionTransformer(small), split, epochs=2, lr=3e-3, seed=0, threads=1
+        )
 
     m1, m2 = run(), run()
     assert not m1.training

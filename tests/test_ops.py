@@ -28,8 +28,15 @@ def test_every_op_is_registered_once_and_documented():
     intq_names = {o.name for o in all_ops() if o.domain == "ai.intq"}
     std_names = {o.name for o in all_ops() if o.domain == ""}
     assert not intq_names & std_names  # never a standard op's name
-    assert {"IntMatMul", "IntConv", "Requantize", "IntAdd", "IntLayerNorm", "IntSoftmax",
-            "IntGELU"} <= intq_names
+    assert {
+        "IntMatMul",
+        "IntConv",
+        "Requantize",
+        "IntAdd",
+        "IntLayerNorm",
+        "IntSoftmax",
+        "IntGELU",
+    } <= intq_names
 
 
 def test_lookup_rejects_float_ops_naming_node():

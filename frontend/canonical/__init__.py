@@ -24,13 +24,25 @@ from intq.ir import remove_unused
 from intq.passes.base import Pass, PassManager, PassResult
 
 __all__ = [
-    "PASSES", "canonicalize", "ConstantToInitializer", "EliminateIdentity", "FoldConstants",
-    "GemmToMatMulAdd", "FuseLayerNorm", "FuseGelu", "FoldScalarIntoMatMul",
+    "PASSES",
+    "canonicalize",
+    "ConstantToInitializer",
+    "EliminateIdentity",
+    "FoldConstants",
+    "GemmToMatMulAdd",
+    "FuseLayerNorm",
+    "FuseGelu",
+    "FoldScalarIntoMatMul",
 ]
 
 PASSES: tuple[type[Pass], ...] = (
-    ConstantToInitializer, EliminateIdentity, FoldConstants, GemmToMatMulAdd, FuseLayerNorm,
-    FuseGelu, FoldScalarIntoMatMul,
+    ConstantToInitializer,
+    EliminateIdentity,
+    FoldConstants,
+    GemmToMatMulAdd,
+    FuseLayerNorm,
+    FuseGelu,
+    FoldScalarIntoMatMul,
 )
 
 

@@ -31,12 +31,16 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
     g = model.graph
     small = [t for t in g.initializer if np.prod(t.dims) <= 64]
     keep = {t.name for t in small}
-    big = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-           for t in g.initializer if t.name not in keep]
+    big = [
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in g.initializer
+        if t.name not in keep
+    ]
     inputs = [i for i in g.input if i.name not in {b.name for b in big}]
     light = helper.make_model(
         helper.make_graph(g.node, g.name, [*inputs, *big], g.output, small),
-        opset_imports=model.opset_import, ir_version=model.ir_version,
+        opset_imports=model.opset_import,
+        ir_version=model.ir_version,
     )
     light.functions.extend(model.functions)
     try:
@@ -48,8 +52,9 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
     for vi in [*g.input, *g.value_info, *g.output]:
         tt = vi.type.tensor_type
         if vi.type.HasField("tensor_type") and tt.HasField("shape"):
-            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                 for d in tt.shape.dim)
+            out[vi.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim
+            )
     for t in g.initializer:
         out[t.name] = tuple(t.dims)
     return out
@@ -76,9 +81,7 @@ class Ctx:
         return None
 
     def is_const(self, name: str) -> bool:
-        return name in self.inits or (
-            name in self.prods and self.prods[name].op_type == "Constant"
-        )
+        return name in self.inits or (name in self.prods and self.prods[name].op_type == "Constant")
 
     def rank(self, name: str) -> int | None:
         s = self.shapes.get(name)
@@ -146,8 +149,9 @@ def remove_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
             del graph.node[k]
 
 
-def insert_before(graph: onnx.GraphProto, anchor: onnx.NodeProto,
-                  new: list[onnx.NodeProto]) -> None:
+def insert_before(
+    graph: onnx.GraphProto, anchor: onnx.NodeProto, new: list[onnx.NodeProto]
+) -> None:
     """Insert `new` right before `anchor` (keeps a topologically sorted graph sorted when
     `anchor` is the first reader of what `new` produces)."""
     idx = next(k for k, m in enumerate(graph.node) if m is anchor)

@@ -20,8 +20,10 @@ class EliminateIdentity(PatternPass):
         g = ctx.g
         x, y = node.input[0], node.output[0]
         if node.op_type == "Dropout":
-            if len(node.output) > 1 and node.output[1] and (
-                ctx.readers(node.output[1]) or node.output[1] in ctx.outputs
+            if (
+                len(node.output) > 1
+                and node.output[1]
+                and (ctx.readers(node.output[1]) or node.output[1] in ctx.outputs)
             ):
                 return Skip("its mask output is used")
             if len(node.input) > 2 and node.input[2]:
@@ -37,7 +39,9 @@ class EliminateIdentity(PatternPass):
             p.output[list(p.output).index(x)] = y
             replace_uses(g, x, y)
         else:
-            return Skip("its output is a graph output and its input a graph input, "
-                        "an initializer or a graph output")
+            return Skip(
+                "its output is a graph output and its input a graph input, "
+                "an initializer or a graph output"
+            )
         remove_nodes(g, [node])
         return f"removed {node_label(node)}"

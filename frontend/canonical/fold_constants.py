@@ -14,8 +14,13 @@ from intq.ir import get_constant, graph_output_names, initializer_map, producers
 from intq.passes.base import Pass, PassResult
 
 NOT_FOLDED = {
-    "Constant", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
-    "Multinomial", "Bernoulli",
+    "Constant",
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
 }
 
 
@@ -35,8 +40,9 @@ class FoldConstants(Pass):
         outputs = graph_output_names(g)
         inits = initializer_map(g)
         prods = producers(g)
-        opsets = {(o.domain if o.domain != "ai.onnx" else ""): o.version
-                  for o in model.opset_import}
+        opsets = {
+            (o.domain if o.domain != "ai.onnx" else ""): o.version for o in model.opset_import
+        }
         cache: dict[str, np.ndarray] = {}
 
         def const(name: str) -> np.ndarray | None:
@@ -55,9 +61,14 @@ class FoldConstants(Pass):
         folded: list[onnx.NodeProto] = []
         rewrites, skipped = [], []
         for n in topo_sort(g):
-            if (n.domain not in DEFAULT_DOMAINS or n.op_type in NOT_FOLDED
-                    or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                           for a in n.attribute)):
+            if (
+                n.domain not in DEFAULT_DOMAINS
+                or n.op_type in NOT_FOLDED
+                or any(
+                    a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                    for a in n.attribute
+                )
+            ):
                 continue
             values = self._fold(n, const, shapes, opsets)
             if values is None:
@@ -97,7 +108,7 @@ class FoldConstants(Pass):
             if n.op_type == "Size":
                 return [np.array(int(np.prod(shape)), dtype=np.int64)]
             a = {x.name: x.i for x in n.attribute}
-            return [np.array(shape[a.get("start", 0):a.get("end", None)], dtype=np.int64)]
+            return [np.array(shape[a.get("start", 0) : a.get("end", None)], dtype=np.int64)]
         names = [i for i in n.input if i]
         if not names:
             return None

@@ -92,6 +92,7 @@ class FoldScalarIntoMatMul(PatternPass):
         names = NameGen(ctx.g)
         mm.output[0] = names(f"{y}_unscaled")
         idx = next(k for k, n in enumerate(ctx.g.node) if n is mm)
-        mul = helper.make_node("Mul", [mm.output[0], _init(ctx, c, f"{y}_scale")], [y],
-                               names(f"{mm.name or y}_scale"))
+        mul = helper.make_node(
+            "Mul", [mm.output[0], _init(ctx, c, f"{y}_scale")], [y], names(f"{mm.name or y}_scale")
+        )
         ctx.g.node.insert(idx + 1, mul)

@@ -91,8 +91,9 @@ class FuseGelu(PatternPass):
             return Skip(f"raising the opset to {GELU_OPSET} would change {sorted(changed)}")
         approx = "none" if node.op_type == "Erf" else "tanh"
         y = chain[-1].output[0]
-        gelu = helper.make_node("Gelu", [x], [y], NameGen(ctx.g)(f"{node.name or y}_gelu"),
-                                approximate=approx)
+        gelu = helper.make_node(
+            "Gelu", [x], [y], NameGen(ctx.g)(f"{node.name or y}_gelu"), approximate=approx
+        )
         insert_before(ctx.g, chain[-1], [gelu])
         remove_nodes(ctx.g, chain)
         bump_opset(ctx.model, GELU_OPSET)
@@ -153,8 +154,14 @@ class FuseGelu(PatternPass):
                 continue
             half = ctx.scalar(o, like=s)
             if half is not None:  # (s * 0.5) * x
-                m2 = next((n for n in ctx.readers(m1.output[0])
-                           if n.op_type == "Mul" and other(n, m1.output[0]) == x), None)
+                m2 = next(
+                    (
+                        n
+                        for n in ctx.readers(m1.output[0])
+                        if n.op_type == "Mul" and other(n, m1.output[0]) == x
+                    ),
+                    None,
+                )
                 nodes = [m1, m2]
             elif o == x:  # (s * x) * 0.5
                 m2 = next((n for n in ctx.readers(m1.output[0]) if n.op_type == "Mul"), None)

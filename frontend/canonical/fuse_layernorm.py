@@ -56,8 +56,15 @@ class FuseLayerNorm(PatternPass):
         if sub is None:
             return None
         d = sub.output[0]
-        sq = next((n for n in ctx.readers(d) if (n.op_type == "Pow" and n.input[0] == d)
-                   or (n.op_type == "Mul" and list(n.input) == [d, d])), None)
+        sq = next(
+            (
+                n
+                for n in ctx.readers(d)
+                if (n.op_type == "Pow" and n.input[0] == d)
+                or (n.op_type == "Mul" and list(n.input) == [d, d])
+            ),
+            None,
+        )
         rm2 = sq and _find(ctx, sq.output[0], "ReduceMean")
         add = rm2 and _find(ctx, rm2.output[0], "Add")
         sqrt = add and _find(ctx, add.output[0], "Sqrt")
@@ -122,8 +129,9 @@ class FuseLayerNorm(PatternPass):
             ins.append(names(f"{out}_bias"))
             bias = np.broadcast_to(beta.reshape(-1), (c,)).astype(dtype)
             ctx.g.initializer.append(numpy_helper.from_array(bias, ins[2]))
-        ln = helper.make_node("LayerNormalization", ins, [out], names(f"{node.name or x}_ln"),
-                              axis=-1, epsilon=eps)
+        ln = helper.make_node(
+            "LayerNormalization", ins, [out], names(f"{node.name or x}_ln"), axis=-1, epsilon=eps
+        )
         insert_before(ctx.g, chain[-1], [ln])
         remove_nodes(ctx.g, chain)
         return f"{len(chain)} nodes from {node_label(node)} -> LayerNormalization {ln.name!r}"
@@ -135,12 +143,19 @@ class FuseLayerNorm(PatternPass):
             return [int(v) for v in a["axes"]]  # type: ignore[union-attr]
         if len(rm.input) > 1 and rm.input[1]:
             v = ctx.const(rm.input[1])
-            return f"axes of {node_label(rm)} are not constant" if v is None else [
-                int(i) for i in v.reshape(-1)]
+            return (
+                f"axes of {node_label(rm)} are not constant"
+                if v is None
+                else [int(i) for i in v.reshape(-1)]
+            )
         return f"{node_label(rm)} reduces over all axes"
 
     @staticmethod
     def _per_channel(v: np.ndarray, c: int, rank: int) -> bool:
         """`v` broadcasts along the last axis only and does not raise the rank."""
-        return (v.size in (1, c) and all(s == 1 for s in v.shape[:-1])
-                and v.ndim <= rank and np.issubdtype(v.dtype, np.floating))
+        return (
+            v.size in (1, c)
+            and all(s == 1 for s in v.shape[:-1])
+            and v.ndim <= rank
+            and np.issubdtype(v.dtype, np.floating)
+        )

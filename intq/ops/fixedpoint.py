@@ -47,6 +47,7 @@ class _NumpyNS:
 
 NUMPY = _NumpyNS()
 
+
 def dtype_bounds(dtype: Any) -> tuple[int, int]:
     name = np.dtype(dtype).name
     if name not in DTYPE_BOUNDS:
