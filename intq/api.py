@@ -90,7 +90,13 @@ def compile(  # noqa: A001 - the public verb
     check_target(target)
     float_model = canonicalize(infer_shapes(to_onnx(model, example_inputs, opset=cfg.opset))).model
     float_model = FoldBatchNormPass().run(float_model).model
-    cal = calibrate(float_model, calibration, percentile=cfg.percentile)
+    cal = calibrate(
+        float_model,
+        calibration,
+        percentile=cfg.percentile,
+        progress=cfg.progress,
+        search=cfg.calibration == "search",
+    )
     integer_model = QuantizePass(cal, cfg).run(float_model).model
     offenders = check_integer_only(integer_model)
     if offenders:

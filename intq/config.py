@@ -15,16 +15,19 @@ class CompileConfig:
     """Knobs of `intq.compile`. Defaults are what the tests and benchmarks use.
 
     calibration: how an int8 activation's range is taken from the calibration data:
-        "minmax" (largest |x| seen) or "percentile" (the `percentile`-th percentile of |x|
-        over a pooled sample of the calibration data). Wide tensors (int16 residuals, int32 outputs)
+        "minmax" (largest |x| seen), "percentile" (the `percentile`-th percentile of |x|
+        over a pooled sample of the calibration data) or "search" (of the 99.9/99.99/99.999th
+        percentiles and the max, the range with the lowest int8 L2 error on that sample).
+        Wide tensors (int16 residuals, int32 outputs)
         always use minmax: they have the headroom and clipping them would hurt.
     residual_dtype: width of the residual stream (adds and concats of activations).
     layernorm_frac_bits: fraction bits k of the normalised value inside IntLayerNorm.
     softmax_frac_bits / gelu_frac_bits: fraction bits F of the base-2 exponent fed to exp2_neg.
     num_threads: runtime threads (None: all cores of the machine running the artifact).
+    progress: print a progress bar over the calibration batches on stderr.
     """
 
-    calibration: Literal["minmax", "percentile"] = "percentile"
+    calibration: Literal["minmax", "percentile", "search"] = "percentile"
     percentile: float = 99.99
     residual_dtype: Literal["int16"] = "int16"
     layernorm_frac_bits: int = 10
@@ -32,12 +35,13 @@ class CompileConfig:
     gelu_frac_bits: int = 12
     num_threads: int | None = None
     opset: int = 18
+    progress: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.calibration not in ("minmax", "percentile"):
+        if self.calibration not in ("minmax", "percentile", "search"):
             raise ConfigError(
-                f"calibration must be 'minmax' or 'percentile', got {self.calibration!r}"
+                f"calibration must be 'minmax', 'percentile' or 'search', got {self.calibration!r}"
             )
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
