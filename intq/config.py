@@ -24,6 +24,9 @@ class CompileConfig:
     layernorm_frac_bits: fraction bits k of the normalised value inside IntLayerNorm.
     softmax_frac_bits / gelu_frac_bits: fraction bits F of the base-2 exponent fed to exp2_neg.
     num_threads: runtime threads (None: all cores of the machine running the artifact).
+    softmax_out: attention probabilities as uniform uint8 (Shiftmax, scale 2^-8) or as log2
+        codes p ~= 2^-k of `softmax_log2_bits` bits (RepQ-ViT's log2 quantizer; the product with
+        V becomes shifts: IntLog2MatMul).
     progress: print a progress bar over the calibration batches on stderr.
     """
 
@@ -32,6 +35,8 @@ class CompileConfig:
     residual_dtype: Literal["int16"] = "int16"
     layernorm_frac_bits: int = 10
     softmax_frac_bits: int = 12
+    softmax_out: Literal["uniform", "log2"] = "uniform"
+    softmax_log2_bits: int = 4
     gelu_frac_bits: int = 12
     num_threads: int | None = None
     opset: int = 18
@@ -45,6 +50,10 @@ class CompileConfig:
             )
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.softmax_out not in ("uniform", "log2"):
+            raise ConfigError(f"softmax_out must be 'uniform' or 'log2', got {self.softmax_out!r}")
+        if self.softmax_log2_bits not in (3, 4):
+            raise ConfigError(f"softmax_log2_bits must be 3 or 4, got {self.softmax_log2_bits!r}")
         if self.residual_dtype != "int16":
             raise ConfigError("residual_dtype: only 'int16' is implemented")
         for name in ("layernorm_frac_bits", "softmax_frac_bits", "gelu_frac_bits"):
