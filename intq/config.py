@@ -27,6 +27,9 @@ class CompileConfig:
     softmax_out: attention probabilities as uniform uint8 (Shiftmax, scale 2^-8) or as log2
         codes p ~= 2^-k of `softmax_log2_bits` bits (RepQ-ViT's log2 quantizer; the product with
         V becomes shifts: IntLog2MatMul).
+    reparam: "repq" calibrates post-LayerNorm activations per channel and folds the per-channel
+        scales into the LayerNorm affine and the next linear layers (RepQLayerNormPass), so they
+        quantize well per tensor; "none" leaves the float graph as exported.
     progress: print a progress bar over the calibration batches on stderr.
     """
 
@@ -41,6 +44,7 @@ class CompileConfig:
     num_threads: int | None = None
     opset: int = 18
     progress: bool = False
+    reparam: Literal["none", "repq"] = "none"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -50,6 +54,8 @@ class CompileConfig:
             )
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.reparam not in ("none", "repq"):
+            raise ConfigError(f"reparam must be 'none' or 'repq', got {self.reparam!r}")
         if self.softmax_out not in ("uniform", "log2"):
             raise ConfigError(f"softmax_out must be 'uniform' or 'log2', got {self.softmax_out!r}")
         if self.softmax_log2_bits not in (3, 4):

@@ -15,7 +15,7 @@ Per tensor, over all batches (ranges are symmetric, |x| only):
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,16 +118,17 @@ def _float_tensors(model: onnx.ModelProto) -> list[str]:
     return out
 
 
-def calibrate(
+def run_float_model(
     model: onnx.ModelProto,
     batches: Iterable[Any],
+    names: list[str] | None = None,
     *,
-    percentile: float = 99.99,
     batch_size: int | None = None,
     progress: bool = False,
-    search: bool = False,
-) -> Calibration:
-    """Collect statistics of every float tensor of `model` (shape-inferred) over `batches`.
+) -> Iterator[dict[str, np.ndarray]]:
+    """Run the float `model` in onnxruntime over `batches`, yielding {name: value} per chunk of
+    the model's static batch for the graph outputs, the inputs and the tensors `names`
+    (default: every float tensor). Raises CalibrationError on malformed or empty data.
 
     Each batch is an array/tensor (single input) or a tuple of them (one per graph input).
     Batches of a size other than the model's static batch are split/padded (padding repeats
@@ -135,7 +136,7 @@ def calibrate(
     """
     import onnxruntime as ort
 
-    names = _float_tensors(model)
+    names = _float_tensors(model) if names is None else names
     m = onnx.ModelProto()
     m.CopyFrom(model)
     present = {o.name for o in m.graph.output}
@@ -153,11 +154,8 @@ def calibrate(
         inputs[0].shape[0] if isinstance(inputs[0].shape[0], int) else None
     )
     in_names = [i.name for i in inputs]
-    acc: dict[str, list[float]] = {n: [] for n in outputs + in_names}
-    pools: dict[str, list[np.ndarray]] = {n: [] for n in outputs + in_names}
-    rng = np.random.default_rng(0)
-    count = 0
     bar = _Progress(progress, len(batches) if hasattr(batches, "__len__") else None)
+    count = 0
     for k, batch in enumerate(batches):
         arrays = [_to_numpy(b) for b in (batch if isinstance(batch, (tuple, list)) else (batch,))]
         if len(arrays) != len(inputs):
@@ -173,25 +171,42 @@ def calibrate(
                     f"expected [batch, {', '.join(map(str, want))}]"
                 )
         arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
-
         chunks = iter_chunks(arrays, static_batch) if static_batch else [(arrays, 0)]
         for chunk, _ in chunks:
             res = sess.run(outputs, dict(zip(in_names, chunk, strict=True)))
-            for n, r in zip(outputs + in_names, res + chunk, strict=True):
-                if r.dtype.kind != "f":
-                    continue
-                a = np.abs(r.astype(np.float32, copy=False)).ravel()
-                if a.size == 0:
-                    continue
-                acc[n].append(float(a.max()))
-                if a.size > SAMPLES_PER_BATCH:
-                    a = a[rng.integers(0, a.size, SAMPLES_PER_BATCH)]
-                pools[n].append(a.copy())
+            yield dict(zip(outputs + in_names, res + list(chunk), strict=True))
         count += 1
         bar.step()
     bar.close()
     if count == 0:
         raise CalibrationError("calibration data is empty: pass at least one batch")
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    batches: Iterable[Any],
+    *,
+    percentile: float = 99.99,
+    batch_size: int | None = None,
+    progress: bool = False,
+    search: bool = False,
+) -> Calibration:
+    """Collect statistics of every float tensor of `model` (shape-inferred) over `batches`
+    (see `run_float_model` for the batch format)."""
+    acc: dict[str, list[float]] = {}
+    pools: dict[str, list[np.ndarray]] = {}
+    rng = np.random.default_rng(0)
+    for values in run_float_model(model, batches, batch_size=batch_size, progress=progress):
+        for n, r in values.items():
+            if r.dtype.kind != "f":
+                continue
+            a = np.abs(r.astype(np.float32, copy=False)).ravel()
+            if a.size == 0:
+                continue
+            acc.setdefault(n, []).append(float(a.max()))
+            if a.size > SAMPLES_PER_BATCH:
+                a = a[rng.integers(0, a.size, SAMPLES_PER_BATCH)]
+            pools.setdefault(n, []).append(a.copy())
     stats = {}
     for n in acc:
         if not acc[n]:
@@ -205,3 +220,17 @@ def calibrate(
             search_range(pool, amax) if search else None,
         )
     return Calibration(stats, percentile)
+
+
+def channel_ranges(
+    model: onnx.ModelProto, batches: Iterable[Any], names: list[str], *, progress: bool = False
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (last axis) min and max of the float tensors `names` over `batches`."""
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
+    for values in run_float_model(model, batches, names, progress=progress):
+        for n in names:
+            v = values[n].astype(np.float64).reshape(-1, values[n].shape[-1])
+            lo[n] = np.minimum(lo[n], v.min(0)) if n in lo else v.min(0)
+            hi[n] = np.maximum(hi[n], v.max(0)) if n in hi else v.max(0)
+    return {n: (lo[n], hi[n]) for n in names}

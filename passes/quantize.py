@@ -15,6 +15,7 @@ The pass emits no float tensor and no float op; scales land only in the Signatur
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ ONNX_DT = {
 # Graph outputs that are int32 accumulators are requantized to int32 with this many bits of
 # headroom below the calibrated range (so 2^(31-OUTPUT_BITS) x the range still fits).
 OUTPUT_BITS = 23
+TENSOR_MAP_KEY = "intq.tensor_map"
 MOVEMENT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 
 
@@ -165,11 +167,29 @@ class QuantizePass(Pass):
             producer_name="intq",
         )
         qm.ir_version = min(model.ir_version or 9, 10)
-        onnx.helper.set_model_props(qm, {boundary.METADATA_KEY: sig.to_json()})
+        onnx.helper.set_model_props(
+            qm, {boundary.METADATA_KEY: sig.to_json(), TENSOR_MAP_KEY: self._tensor_map()}
+        )
         feeds = {s.name: np.zeros(s.shape, dtype=s.qdtype) for s in sig.inputs}
         infer_integer_shapes(qm, feeds)
         onnx.checker.check_model(qm)
         return qm
+
+    def _tensor_map(self) -> str:
+        """JSON {float tensor: {"int": integer tensor, "scale": s or [s_c], "axis": a}} for
+        every float tensor with a linear integer form: compile-time metadata for error reports
+        (real value = int * scale); nothing at run time reads it."""
+        out = {}
+        for name, qt in self.q.items():
+            if qt.encoding != "linear":
+                continue
+            sc = np.asarray(qt.scale, dtype=np.float64)
+            out[name] = {
+                "int": qt.name,
+                "scale": float(sc) if sc.ndim == 0 else sc.reshape(-1).tolist(),
+                "axis": qt.axis,
+            }
+        return json.dumps(out)
 
     # ------------------------------------------------------------------ helpers
     def _amax(self, name: str, dtype: str = "int8") -> float:
