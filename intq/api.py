@@ -4,6 +4,7 @@ The pipeline, top to bottom:
     1. export       model -> float ONNX                         (frontend.to_onnx)
     2. canonicalise one form for LN / GELU / linear / attention  (frontend.canonicalize)
        fold          BatchNorm into the preceding conv              (passes.fold_batchnorm)
+       reparam       per-channel LN scales into LN + linears (opt.) (passes.repq_reparam)
     3. calibrate    float ranges of every tensor in onnxruntime  (passes.calibration)
     4. quantize     float graph -> integer-only ONNX graph       (passes.quantize)
     5. verify       integer-only check                           (intq.check)
@@ -66,6 +67,13 @@ class CompiledModel:
         `path` atomically: an interrupted export leaves no file at `path`."""
         return self._build.export(os.fspath(path))
 
+    def error_report(self, batches: Iterable[Any]) -> Any:
+        """Per-tensor SQNR of the integer model against the float model on `batches`
+        (an `intq.report.ErrorReport`: `.to_text()`, `.plot(path)`, `.output_sqnr_db`)."""
+        from intq.report import error_report
+
+        return error_report(self.float_onnx, self.integer_onnx, batches)
+
     def __repr__(self) -> str:
         return f"CompiledModel(target={self.target!r}, inputs=[{self.signature.describe()}])"
 
@@ -82,15 +90,27 @@ def compile(  # noqa: A001 - the public verb
     batches: arrays/tensors, or tuples of them for several inputs)."""
     from intq.codegen.build import build as codegen_build
     from intq.frontend import canonicalize, infer_shapes, to_onnx
-    from intq.passes.calibration import calibrate
+    from intq.passes.calibration import calibrate, channel_ranges
     from intq.passes.fold_batchnorm import FoldBatchNormPass
     from intq.passes.quantize import QuantizePass
+    from intq.passes.repq_reparam import RepQLayerNormPass
 
     cfg = config or CompileConfig()
     check_target(target)
     float_model = canonicalize(infer_shapes(to_onnx(model, example_inputs, opset=cfg.opset))).model
     float_model = FoldBatchNormPass().run(float_model).model
-    cal = calibrate(float_model, calibration, percentile=cfg.percentile)
+    if cfg.reparam == "repq":
+        calibration = list(calibration)  # read twice: per-channel ranges, then calibration
+        names = RepQLayerNormPass.candidates(float_model)
+        ranges = channel_ranges(float_model, calibration, names, progress=cfg.progress)
+        float_model = RepQLayerNormPass(ranges).run(float_model).model
+    cal = calibrate(
+        float_model,
+        calibration,
+        percentile=cfg.percentile,
+        progress=cfg.progress,
+        search=cfg.calibration == "search",
+    )
     integer_model = QuantizePass(cal, cfg).run(float_model).model
     offenders = check_integer_only(integer_model)
     if offenders:

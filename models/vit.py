@@ -34,6 +34,7 @@ __all__ = [
     "deit_small",
     "deit_base",
     "vit_digits",
+    "spread_layernorm_channels",
 ]
 
 
@@ -279,3 +280,21 @@ def vit_digits(config: ViTConfig = DIGITS_CONFIG) -> VisionTransformer:
     4 heads, MLP ratio 2; 136k parameters). Trained by :func:`intq.models.digits.train_digits_vit`.
     """
     return VisionTransformer(config)
+
+
+@torch.no_grad()
+def spread_layernorm_channels(model: VisionTransformer, spread: float, seed: int = 0) -> None:
+    """Give post-LayerNorm activations strong inter-channel variation without changing the
+    function: per LayerNorm, channel c's gamma and beta are multiplied by f_c = 2^u_c,
+    u_c ~ U(-spread, spread), and the reading Linear's input column c is divided by f_c
+    (norm1 -> attn.qkv, norm2 -> mlp.fc1, norm -> head). In place."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = [(b.norm1, b.attn.qkv) for b in model.blocks] + [
+        (b.norm2, b.mlp.fc1) for b in model.blocks
+    ]
+    pairs.append((model.norm, model.head))
+    for norm, linear in pairs:
+        f = 2.0 ** ((torch.rand(norm.weight.shape, generator=g) * 2 - 1) * spread)
+        norm.weight.mul_(f)
+        norm.bias.mul_(f)
+        linear.weight.div_(f)

@@ -1,14 +1,21 @@
 """Activation calibration: run the float model in onnxruntime over the calibration batches and
 record per-tensor statistics of every float tensor.
 
-Per tensor: amax = max |x| over all batches; pct = the `percentile`-th percentile of |x| over a
-pooled sample (every value of small tensors; a uniform random subsample of SAMPLES_PER_BATCH
-values per batch of large ones, fixed seed). Ranges are symmetric.
+Per tensor, over all batches (ranges are symmetric, |x| only):
+  * minmax:     a = max |x|;
+  * percentile: a = the `percentile`-th percentile of |x| over a pooled sample (every value of
+    small tensors; a uniform random subsample of SAMPLES_PER_BATCH values per batch of large
+    ones, fixed seed);
+  * search:     a = argmin over the candidates {p-th percentile of |x| : p in
+    SEARCH_PERCENTILES} u {max |x|} of the L2 error of int8 quantization on the pooled sample,
+        err(a) = sum_i (clip(round_half_up(|x_i| * 127 / a), 0, 127) * a / 127 - |x_i|)^2,
+    i.e. the clipping range that trades rounding against clipping error best.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +26,8 @@ from intq.boundary import iter_chunks
 from intq.errors import CalibrationError
 
 SAMPLES_PER_BATCH = 8192
+SEARCH_PERCENTILES = (99.9, 99.99, 99.999)
+METHODS = ("minmax", "percentile", "search")
 
 
 @dataclass
@@ -26,6 +35,7 @@ class TensorStats:
     amax: float
     pct: float
     batches: int
+    search: float | None = None  # only computed when asked for (calibrate(search=True))
 
 
 @dataclass
@@ -36,9 +46,55 @@ class Calibration:
     def amax(self, name: str, method: str = "minmax") -> float:
         if name not in self.stats:
             raise CalibrationError(f"no calibration statistics for tensor {name!r}")
+        if method not in METHODS:
+            raise CalibrationError(f"unknown calibration method {method!r}; expected {METHODS}")
         s = self.stats[name]
-        v = s.pct if method == "percentile" else s.amax
+        if method == "search" and s.search is None:
+            raise CalibrationError("range search was not run: calibrate(..., search=True)")
+        v = {"minmax": s.amax, "percentile": s.pct, "search": s.search}[method]
         return float(v) if v > 0 else float(s.amax) if s.amax > 0 else 1e-8
+
+
+def int8_l2_error(sample: np.ndarray, a: float, qmax: int = 127) -> float:
+    """L2 error of symmetric quantization of |sample| with clipping range `a`."""
+    if a <= 0:
+        return float(np.sum(np.square(sample, dtype=np.float64)))
+    x = np.abs(np.asarray(sample, dtype=np.float64))
+    q = np.clip(np.floor(x * (qmax / a) + 0.5), 0, qmax)
+    return float(np.sum(np.square(q * (a / qmax) - x)))
+
+
+def search_range(sample: np.ndarray, amax: float, qmax: int = 127) -> float:
+    """The candidate clipping range with the lowest int8 L2 error on `sample` (ties: larger)."""
+    cands = [float(np.percentile(sample, p)) for p in SEARCH_PERCENTILES] + [float(amax)]
+    errs = [int8_l2_error(sample, a, qmax) for a in cands]
+    best = min(errs)
+    return max(a for a, e in zip(cands, errs, strict=True) if e == best)
+
+
+class _Progress:
+    """A one-line progress bar on stderr over calibration batches (silent when disabled)."""
+
+    def __init__(self, enabled: bool, total: int | None) -> None:
+        self.enabled, self.total, self.k = enabled, total, 0
+
+    def step(self) -> None:
+        self.k += 1
+        if not self.enabled:
+            return
+        if self.total:
+            done = int(30 * self.k / self.total)
+            bar = "#" * done + "." * (30 - done)
+            msg = f"\rcalibrating [{bar}] {self.k}/{self.total}"
+        else:
+            msg = f"\rcalibrating batch {self.k}"
+        sys.stderr.write(msg)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.k:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -62,15 +118,17 @@ def _float_tensors(model: onnx.ModelProto) -> list[str]:
     return out
 
 
-def calibrate(
+def run_float_model(
     model: onnx.ModelProto,
     batches: Iterable[Any],
+    names: list[str] | None = None,
     *,
-    percentile: float = 99.99,
     batch_size: int | None = None,
     progress: bool = False,
-) -> Calibration:
-    """Collect statistics of every float tensor of `model` (shape-inferred) over `batches`.
+) -> Iterator[dict[str, np.ndarray]]:
+    """Run the float `model` in onnxruntime over `batches`, yielding {name: value} per chunk of
+    the model's static batch for the graph outputs, the inputs and the tensors `names`
+    (default: every float tensor). Raises CalibrationError on malformed or empty data.
 
     Each batch is an array/tensor (single input) or a tuple of them (one per graph input).
     Batches of a size other than the model's static batch are split/padded (padding repeats
@@ -78,7 +136,7 @@ def calibrate(
     """
     import onnxruntime as ort
 
-    names = _float_tensors(model)
+    names = _float_tensors(model) if names is None else names
     m = onnx.ModelProto()
     m.CopyFrom(model)
     present = {o.name for o in m.graph.output}
@@ -96,9 +154,7 @@ def calibrate(
         inputs[0].shape[0] if isinstance(inputs[0].shape[0], int) else None
     )
     in_names = [i.name for i in inputs]
-    acc: dict[str, list[float]] = {n: [] for n in outputs + in_names}
-    pools: dict[str, list[np.ndarray]] = {n: [] for n in outputs + in_names}
-    rng = np.random.default_rng(0)
+    bar = _Progress(progress, len(batches) if hasattr(batches, "__len__") else None)
     count = 0
     for k, batch in enumerate(batches):
         arrays = [_to_numpy(b) for b in (batch if isinstance(batch, (tuple, list)) else (batch,))]
@@ -115,32 +171,66 @@ def calibrate(
                     f"expected [batch, {', '.join(map(str, want))}]"
                 )
         arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
-
         chunks = iter_chunks(arrays, static_batch) if static_batch else [(arrays, 0)]
         for chunk, _ in chunks:
             res = sess.run(outputs, dict(zip(in_names, chunk, strict=True)))
-            for n, r in zip(outputs + in_names, res + chunk, strict=True):
-                if r.dtype.kind != "f":
-                    continue
-                a = np.abs(r.astype(np.float32, copy=False)).ravel()
-                if a.size == 0:
-                    continue
-                acc[n].append(float(a.max()))
-                if a.size > SAMPLES_PER_BATCH:
-                    a = a[rng.integers(0, a.size, SAMPLES_PER_BATCH)]
-                pools[n].append(a.copy())
+            yield dict(zip(outputs + in_names, res + list(chunk), strict=True))
         count += 1
-        if progress:
-            print(f"\rcalibration batch {count}", end="", flush=True)
-    if progress:
-        print()
+        bar.step()
+    bar.close()
     if count == 0:
         raise CalibrationError("calibration data is empty: pass at least one batch")
-    stats = {
-        n: TensorStats(
-            max(acc[n]), float(np.percentile(np.concatenate(pools[n]), percentile)), len(acc[n])
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    batches: Iterable[Any],
+    *,
+    percentile: float = 99.99,
+    batch_size: int | None = None,
+    progress: bool = False,
+    search: bool = False,
+) -> Calibration:
+    """Collect statistics of every float tensor of `model` (shape-inferred) over `batches`
+    (see `run_float_model` for the batch format)."""
+    acc: dict[str, list[float]] = {}
+    pools: dict[str, list[np.ndarray]] = {}
+    rng = np.random.default_rng(0)
+    for values in run_float_model(model, batches, batch_size=batch_size, progress=progress):
+        for n, r in values.items():
+            if r.dtype.kind != "f":
+                continue
+            a = np.abs(r.astype(np.float32, copy=False)).ravel()
+            if a.size == 0:
+                continue
+            acc.setdefault(n, []).append(float(a.max()))
+            if a.size > SAMPLES_PER_BATCH:
+                a = a[rng.integers(0, a.size, SAMPLES_PER_BATCH)]
+            pools.setdefault(n, []).append(a.copy())
+    stats = {}
+    for n in acc:
+        if not acc[n]:
+            continue
+        pool = np.concatenate(pools[n])
+        amax = max(acc[n])
+        stats[n] = TensorStats(
+            amax,
+            float(np.percentile(pool, percentile)),
+            len(acc[n]),
+            search_range(pool, amax) if search else None,
         )
-        for n in acc
-        if acc[n]
-    }
     return Calibration(stats, percentile)
+
+
+def channel_ranges(
+    model: onnx.ModelProto, batches: Iterable[Any], names: list[str], *, progress: bool = False
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (last axis) min and max of the float tensors `names` over `batches`."""
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
+    for values in run_float_model(model, batches, names, progress=progress):
+        for n in names:
+            v = values[n].astype(np.float64).reshape(-1, values[n].shape[-1])
+            lo[n] = np.minimum(lo[n], v.min(0)) if n in lo else v.min(0)
+            hi[n] = np.maximum(hi[n], v.max(0)) if n in hi else v.max(0)
+    return {n: (lo[n], hi[n]) for n in names}

@@ -15,6 +15,7 @@ The pass emits no float tensor and no float op; scales land only in the Signatur
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from intq.ir import INTQ_DOMAIN, INTQ_OPSET, NameGen, attrs, consumers, get_cons
 from intq.ops import fixedpoint as fp
 from intq.ops import make_node
 from intq.ops.core import SOFTMAX_OUT_BITS
+from intq.ops.log2attn import zero_code
 from intq.passes.base import Pass, PassResult
 from intq.passes.calibration import Calibration
 from intq.reference import infer_integer_shapes
@@ -46,6 +48,7 @@ ONNX_DT = {
 # Graph outputs that are int32 accumulators are requantized to int32 with this many bits of
 # headroom below the calibrated range (so 2^(31-OUTPUT_BITS) x the range still fits).
 OUTPUT_BITS = 23
+TENSOR_MAP_KEY = "intq.tensor_map"
 MOVEMENT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 
 
@@ -85,6 +88,7 @@ class QTensor:
     dtype: str
     scale: np.ndarray
     axis: int | None = None  # channel axis when `scale` is a vector
+    encoding: str = "linear"  # "log2": uint8 exponent codes (IntSoftmaxLog2), not q * scale
 
     @property
     def per_tensor(self) -> bool:
@@ -163,11 +167,29 @@ class QuantizePass(Pass):
             producer_name="intq",
         )
         qm.ir_version = min(model.ir_version or 9, 10)
-        onnx.helper.set_model_props(qm, {boundary.METADATA_KEY: sig.to_json()})
+        onnx.helper.set_model_props(
+            qm, {boundary.METADATA_KEY: sig.to_json(), TENSOR_MAP_KEY: self._tensor_map()}
+        )
         feeds = {s.name: np.zeros(s.shape, dtype=s.qdtype) for s in sig.inputs}
         infer_integer_shapes(qm, feeds)
         onnx.checker.check_model(qm)
         return qm
+
+    def _tensor_map(self) -> str:
+        """JSON {float tensor: {"int": integer tensor, "scale": s or [s_c], "axis": a}} for
+        every float tensor with a linear integer form: compile-time metadata for error reports
+        (real value = int * scale); nothing at run time reads it."""
+        out = {}
+        for name, qt in self.q.items():
+            if qt.encoding != "linear":
+                continue
+            sc = np.asarray(qt.scale, dtype=np.float64)
+            out[name] = {
+                "int": qt.name,
+                "scale": float(sc) if sc.ndim == 0 else sc.reshape(-1).tolist(),
+                "axis": qt.axis,
+            }
+        return json.dumps(out)
 
     # ------------------------------------------------------------------ helpers
     def _amax(self, name: str, dtype: str = "int8") -> float:
@@ -199,6 +221,10 @@ class QuantizePass(Pass):
         self, qt: QTensor, dtype: str, scale: float, base: str, clip: tuple[int, int] | None = None
     ) -> QTensor:
         """Requantize `qt` to `dtype` at per-tensor `scale` (cached per target)."""
+        if qt.encoding != "linear":
+            raise UnsupportedOpError(
+                "Requantize", qt.name, f"{qt.encoding}-coded tensor can only feed a MatMul"
+            )
         key = (qt.name, dtype, float(scale))
         if key in self.cache and clip is None:
             return self.cache[key]
@@ -231,7 +257,7 @@ class QuantizePass(Pass):
     def as_dtype(self, name: str, dtype: str) -> QTensor:
         """The integer form of float tensor `name` as a per-tensor `dtype` tensor."""
         qt = self._get(name)
-        if qt.per_tensor and qt.dtype == dtype:
+        if qt.per_tensor and qt.dtype == dtype and qt.encoding == "linear":
             return qt
         return self.requant(qt, dtype, self._scale_for(name, dtype), _base(name))
 
@@ -246,7 +272,7 @@ class QuantizePass(Pass):
     def as_narrow(self, name: str) -> QTensor:
         """int8 (or an existing uint8) per-tensor form, as matmul/conv operands need."""
         qt = self._get(name)
-        if qt.per_tensor and qt.dtype in ("int8", "uint8"):
+        if qt.per_tensor and qt.dtype in ("int8", "uint8") and qt.encoding == "linear":
             return qt
         return self.as_dtype(name, "int8")
 
@@ -318,6 +344,9 @@ class QuantizePass(Pass):
         wconst = self._const_value(node.input[1])
         if self._const_value(node.input[0]) is not None:
             raise UnsupportedOpError("MatMul", node.name, "constant left operand")
+        if wconst is None and self._get(node.input[0]).encoding == "log2":
+            self._log2_matmul(node, base)
+            return
         if wconst is None:
             a = self.as_narrow(node.input[0])
             b = self.as_dtype(node.input[1], "int8")
@@ -342,6 +371,17 @@ class QuantizePass(Pass):
             self.rewrites.append(f"{node.name} + {add.name} -> IntMatMul with int32 bias")
         out = self._emit("IntMatMul", ins, f"{base}_acc", base)
         self.q[out_float] = QTensor(out, "int32", acc_scale, axis=-1)
+
+    def _log2_matmul(self, node: onnx.NodeProto, base: str) -> None:
+        """Log2-coded attention probabilities times values: IntLog2MatMul (shifts and adds),
+        int32 at s_V * 2^-(Z-1)."""
+        codes = self._get(node.input[0])
+        v = self.as_dtype(node.input[1], "int8")
+        bits = self.cfg.softmax_log2_bits
+        out = self._emit("IntLog2MatMul", [codes.name, v.name], f"{base}_acc", base, bits=bits)
+        scale = float(v.scale) * 2.0 ** -(zero_code(bits) - 1)
+        self.q[node.output[0]] = QTensor(out, "int32", np.asarray(scale))
+        self.rewrites.append(f"{node.name} -> IntLog2MatMul (log2 attention)")
 
     def _fusable_bias(self, node: onnx.NodeProto, n: int):
         uses = self.uses.get(node.output[0], [])
@@ -395,6 +435,10 @@ class QuantizePass(Pass):
             )
         k = float(c.reshape(()))
         qt = self._get(src)
+        if qt.encoding != "linear":
+            raise UnsupportedOpError(
+                node.op_type, node.name, f"scaling a {qt.encoding}-coded tensor is not supported"
+            )
         factor = 1.0 / k if invert else k
         self.q[node.output[0]] = QTensor(qt.name, qt.dtype, qt.scale * factor, qt.axis)
         self.rewrites.append(f"{node.name}: scalar {node.op_type} folded into the scale")
@@ -459,6 +503,12 @@ class QuantizePass(Pass):
         qt = self._get(node.input[0])
         # z = x * s * log2(e) in fixed point with F fraction bits: softmax = 2^z / sum 2^z
         z = self.requant(qt, "int32", 1.0 / (LOG2E * 2**f), f"{base}_exp2in")
+        if self.cfg.softmax_out == "log2":
+            bits = self.cfg.softmax_log2_bits
+            y = self._emit("IntSoftmaxLog2", [z.name], f"{base}_log2", base, frac_bits=f, bits=bits)
+            scale = np.asarray(2.0 ** -(zero_code(bits) - 1))
+            self.q[node.output[0]] = QTensor(y, "uint8", scale, encoding="log2")
+            return
         y = self._emit("IntSoftmax", [z.name], f"{base}_u8", base, frac_bits=f)
         self.q[node.output[0]] = QTensor(y, "uint8", np.asarray(2.0**-SOFTMAX_OUT_BITS))
 
@@ -529,7 +579,9 @@ class QuantizePass(Pass):
         ins = [qt.name] + [self._copy_const(i) for i in node.input[1:]]
         base = _base(node.name or node.output[0])
         y = self._emit(node.op_type, ins, f"{base}_{qt.dtype}", base, **attrs(node))
-        self.q[node.output[0]] = QTensor(y, qt.dtype, qt.scale, axis if not qt.per_tensor else None)
+        self.q[node.output[0]] = QTensor(
+            y, qt.dtype, qt.scale, axis if not qt.per_tensor else None, qt.encoding
+        )
 
     def _track_axis(self, node: onnx.NodeProto, axis: int) -> int | None:
         """Where channel `axis` of the input lands in the output, if it survives intact.
