@@ -22,6 +22,17 @@ class CompileConfig:
     layernorm_frac_bits: fraction bits k of the normalised value inside IntLayerNorm.
     softmax_frac_bits / gelu_frac_bits: fraction bits F of the base-2 exponent fed to exp2_neg.
     num_threads: runtime threads (None: all cores of the machine running the artifact).
+    softmax_kernel: integer softmax family: "shiftmax" (I-ViT: base-2 exponent, shift +
+        polynomial exp2) or "ibert" (I-BERT: natural exponent, i-exp = -ln2 decomposition +
+        second-order polynomial).
+    gelu_kernel: integer GELU family: "shiftgelu" (I-ViT: x sigmoid(1.702 x) from exp2) or
+        "ibert" (I-BERT i-GELU: erf from a second-order polynomial, int16 input).
+    smooth_alpha: SmoothQuant migration strength for matmuls with a constant weight whose input
+        is a wide (int16/int32) per-tensor activation: None (off) or alpha in [0, 1]. The
+        activation is requantized to int8 per input channel k at s * m_k and W's row k is
+        multiplied by m_k = amax_x[k]^alpha / amax_W[k]^(1 - alpha) before weight quantization
+        (exact algebra; outlier channels no longer set everyone's int8 step).
+    (LayerNorm is one kernel in both families: integer statistics and the Newton isqrt.)
     """
 
     calibration: Literal["minmax", "percentile"] = "percentile"
@@ -31,6 +42,9 @@ class CompileConfig:
     softmax_frac_bits: int = 12
     gelu_frac_bits: int = 12
     num_threads: int | None = None
+    softmax_kernel: Literal["shiftmax", "ibert"] = "shiftmax"
+    gelu_kernel: Literal["shiftgelu", "ibert"] = "shiftgelu"
+    smooth_alpha: float | None = None
     opset: int = 18
     extra: dict = field(default_factory=dict)
 
@@ -53,6 +67,18 @@ class CompileConfig:
             raise ConfigError(
                 f"num_threads must be a positive int or None, got {self.num_threads!r}"
             )
+        if self.softmax_kernel not in ("shiftmax", "ibert"):
+            raise ConfigError(
+                f"softmax_kernel must be 'shiftmax' or 'ibert', got {self.softmax_kernel!r}"
+            )
+        if self.gelu_kernel not in ("shiftgelu", "ibert"):
+            raise ConfigError(
+                f"gelu_kernel must be 'shiftgelu' or 'ibert', got {self.gelu_kernel!r}"
+            )
+        if self.smooth_alpha is not None and not (
+            isinstance(self.smooth_alpha, (int, float)) and 0.0 <= self.smooth_alpha <= 1.0
+        ):
+            raise ConfigError(f"smooth_alpha must be None or in [0, 1], got {self.smooth_alpha!r}")
         if self.opset < 17:
             raise ConfigError("opset must be >= 17 (LayerNormalization)")
 

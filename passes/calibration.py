@@ -1,7 +1,8 @@
 """Activation calibration: run the float model in onnxruntime over the calibration batches and
 record per-tensor statistics of every float tensor.
 
-Per tensor: amax = max |x| over all batches; pct = the `percentile`-th percentile of |x| over a
+Per tensor: amax = max |x| over all batches; channel_amax = max |x| per index of the last
+axis (for SmoothQuant-style migration); pct = the `percentile`-th percentile of |x| over a
 pooled sample (every value of small tensors; a uniform random subsample of SAMPLES_PER_BATCH
 values per batch of large ones, fixed seed). Ranges are symmetric.
 """
@@ -26,12 +27,18 @@ class TensorStats:
     amax: float
     pct: float
     batches: int
+    channel_amax: np.ndarray | None = None  # max |x| per index of the last axis
 
 
 @dataclass
 class Calibration:
     stats: dict[str, TensorStats]
     percentile: float
+
+    def channel_amax(self, name: str) -> np.ndarray | None:
+        """max |x| per index of the tensor's last axis (None when not recorded)."""
+        s = self.stats.get(name)
+        return None if s is None else s.channel_amax
 
     def amax(self, name: str, method: str = "minmax") -> float:
         if name not in self.stats:
@@ -97,6 +104,7 @@ def calibrate(
     )
     in_names = [i.name for i in inputs]
     acc: dict[str, list[float]] = {n: [] for n in outputs + in_names}
+    chan: dict[str, np.ndarray] = {}
     pools: dict[str, list[np.ndarray]] = {n: [] for n in outputs + in_names}
     rng = np.random.default_rng(0)
     count = 0
@@ -122,9 +130,13 @@ def calibrate(
             for n, r in zip(outputs + in_names, res + chunk, strict=True):
                 if r.dtype.kind != "f":
                     continue
-                a = np.abs(r.astype(np.float32, copy=False)).ravel()
+                a = np.abs(r.astype(np.float32, copy=False))
                 if a.size == 0:
                     continue
+                if a.ndim >= 1:
+                    cm = a.reshape(-1, a.shape[-1]).max(axis=0)
+                    chan[n] = np.maximum(chan[n], cm) if n in chan else cm
+                a = a.ravel()
                 acc[n].append(float(a.max()))
                 if a.size > SAMPLES_PER_BATCH:
                     a = a[rng.integers(0, a.size, SAMPLES_PER_BATCH)]
@@ -138,7 +150,10 @@ def calibrate(
         raise CalibrationError("calibration data is empty: pass at least one batch")
     stats = {
         n: TensorStats(
-            max(acc[n]), float(np.percentile(np.concatenate(pools[n]), percentile)), len(acc[n])
+            max(acc[n]),
+            float(np.percentile(np.concatenate(pools[n]), percentile)),
+            len(acc[n]),
+            chan.get(n),
         )
         for n in acc
         if acc[n]
