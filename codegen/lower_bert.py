@@ -174,3 +174,68 @@ def _int_l2_normalize(ctx: LowerCtx, node, attrs):
         ctx.value(node.input[0]),
         name="int_l2_normalize",
     )
+
+
+def softmax_numerator(x: te.Tensor, mask: te.Tensor | None, exp_fn, e0: int) -> te.Tensor:
+    def keep(i):
+        if mask is None:
+            return tirx.const(True, "bool")
+        return mask(*_broadcast_index(mask, i)) != tirx.const(0, mask.dtype)
+
+    mx = _row_reduce(
+        x,
+        lambda r, k: TE.where(keep((*r, k)), _i64(x(*r, k)), TE.i64(bert.MASKED_SCORE)),
+        "num_max",
+        kind="max",
+    )
+    return te.compute(
+        x.shape,
+        lambda *i: bert.numerator_core(exp_fn(_i64(x(*i)), mx(*i[:-1], 0), keep(i)), e0, TE).astype(
+            "uint8"
+        ),
+        name="int_softmax_numerator",
+    )
+
+
+@lowering("IntSoftmaxNumerator")
+def _int_softmax_numerator(ctx: LowerCtx, node, attrs):
+    f = int(attrs["frac_bits"])
+    a = {k: int(attrs[k]) for k in ("ln2", "poly_b", "poly_c")}
+    kernel = attrs["kernel"]
+    e0 = bert.exp_at_zero(kernel, a["poly_b"], a["poly_c"])
+
+    def exp_fn(x, mx, keep):
+        if kernel == "shiftmax":
+            return bert.shiftmax_exp(x, mx, keep, f, TE)
+        return bert.ibert_exp(x, mx, keep, f, **a, xp=TE)
+
+    args = _softmax_args(ctx, node)
+    if len(args) == 1:
+        return ctx.emit_te(
+            lambda x: softmax_numerator(x, None, exp_fn, e0), *args, name="softmax_numerator"
+        )
+    return ctx.emit_te(
+        lambda x, m: softmax_numerator(x, m, exp_fn, e0), *args, name="softmax_numerator"
+    )
+
+
+def int_row_normalize(a: te.Tensor, e: te.Tensor, *, frac_bits: int) -> te.Tensor:
+    total = _row_reduce(e, lambda r, k: _i64(e(*r, k)), "rn_sum")
+    lo, hi = fp.dtype_bounds("int32")
+    return te.compute(
+        a.shape,
+        lambda *i: tirx.min(
+            tirx.max(bert.row_normalize_core(_i64(a(*i)), total(*i[:-1], 0), frac_bits, TE), lo),
+            hi,
+        ).astype("int32"),
+        name="int_row_normalize",
+    )
+
+
+@lowering("IntRowNormalize")
+def _int_row_normalize(ctx: LowerCtx, node, attrs):
+    return ctx.emit_te(
+        lambda a, e: int_row_normalize(a, e, frac_bits=int(attrs["frac_bits"])),
+        *(ctx.value(n) for n in node.input),
+        name="int_row_normalize",
+    )

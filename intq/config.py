@@ -32,6 +32,9 @@ class CompileConfig:
         activation is requantized to int8 per input channel k at s * m_k and W's row k is
         multiplied by m_k = amax_x[k]^alpha / amax_W[k]^(1 - alpha) before weight quantization
         (exact algebra; outlier channels no longer set everyone's int8 step).
+    deferred_softmax: a softmax read only as P in P @ V emits uint8 numerators e / e(0)
+        (IntSoftmaxNumerator) and the matmul divides by their row sum (IntRowNormalize), so
+        probabilities keep 8 bits relative to the row's largest one instead of to 1.
     (LayerNorm is one kernel in both families: integer statistics and the Newton isqrt.)
     """
 
@@ -45,6 +48,7 @@ class CompileConfig:
     softmax_kernel: Literal["shiftmax", "ibert"] = "shiftmax"
     gelu_kernel: Literal["shiftgelu", "ibert"] = "shiftgelu"
     smooth_alpha: float | None = None
+    deferred_softmax: bool = False
     opset: int = 18
     extra: dict = field(default_factory=dict)
 

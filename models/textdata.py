@@ -71,6 +71,39 @@ def numpy_doc_pairs(min_pairs: int = 0) -> list[tuple[str, str, str]]:
     return out
 
 
+CALIBRATION_MODULES = (
+    "sklearn.metrics",
+    "sklearn.preprocessing",
+    "sklearn.utils",
+    "sklearn.model_selection",
+    "sklearn.datasets",
+    "sklearn.feature_extraction.text",
+    "sklearn.cluster",
+    "sklearn.linear_model",
+    "sklearn.decomposition",
+)
+
+
+def calibration_texts(limit: int = 128) -> list[str]:
+    """Queries and passages (as numpy_doc_pairs splits them) from scikit-learn's public
+    functions and classes: technical docstrings of the same genre as the evaluation text,
+    disjoint from it. Alternates query, passage; at most `limit` texts."""
+    out: list[str] = []
+    for modname in CALIBRATION_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:
+            continue
+        for name in sorted(getattr(mod, "__all__", None) or dir(mod)):
+            doc = getattr(getattr(mod, name, None), "__doc__", None)
+            pair = _split_doc(doc) if isinstance(doc, str) else None
+            if pair is not None:
+                out.extend(pair)
+            if len(out) >= limit:
+                return out[:limit]
+    return out
+
+
 STDLIB_MODULES = (
     "os",
     "collections",

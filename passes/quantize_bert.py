@@ -47,6 +47,7 @@ from intq.passes.quantize import (
 EMBEDDING_SHIFT = 22
 MASKED_BELOW = -1e4
 L2_FRAC_BITS = 14
+ROW_NORM_FRAC_BITS = 8
 IEXP_A, IEXP_B, IEXP_C = 0.3585, 1.353, 0.344
 IERF_A, IERF_B = 0.2888, 1.769
 _FLOAT = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -140,6 +141,9 @@ def softmax(qp: QuantizePass, node: onnx.NodeProto) -> None:
     scores = masked[0] if masked else node.input[0]
     qt = qp._get(scores)
     ins = []
+    if qp.cfg.deferred_softmax and _feeds_only_attention(qp, node.output[0]):
+        _softmax_numerator(qp, node, qt, masked, base)
+        return
     if kernel == "shiftmax":
         z = qp.requant(qt, "int32", 1.0 / (LOG2E * 2**f), f"{base}_exp2in")
         ins = [z.name, qp._get(masked[1]).name]
@@ -153,11 +157,60 @@ def softmax(qp: QuantizePass, node: onnx.NodeProto) -> None:
             f"{base}_u8",
             base,
             frac_bits=f,
-            ln2=int(round_half_up(math.log(2.0) * 2**f)),
-            poly_b=int(math.floor(IEXP_B * 2**f)),
-            poly_c=int(math.floor(IEXP_C / IEXP_A * 2 ** (2 * f))),
+            **_iexp_constants(f),
         )
     qp.q[node.output[0]] = QTensor(y, "uint8", np.asarray(2.0**-SOFTMAX_OUT_BITS))
+
+
+def _feeds_only_attention(qp: QuantizePass, out: str) -> bool:
+    """`out` is read only as the left operand of activation MatMuls (P @ V)."""
+    uses = qp.uses.get(out, [])
+    return (
+        bool(uses)
+        and out not in qp.graph_outputs
+        and all(
+            u.op_type == "MatMul"
+            and u.input[0] == out
+            and u.input[1] != out
+            and qp._const_value(u.input[1]) is None
+            for u in uses
+        )
+    )
+
+
+def _iexp_constants(f: int) -> dict[str, int]:
+    return {
+        "ln2": int(round_half_up(math.log(2.0) * 2**f)),
+        "poly_b": int(math.floor(IEXP_B * 2**f)),
+        "poly_c": int(math.floor(IEXP_C / IEXP_A * 2 ** (2 * f))),
+    }
+
+
+def _softmax_numerator(qp: QuantizePass, node, qt: QTensor, masked, base: str) -> None:
+    """Deferred normalisation: the softmax becomes uint8 numerators e / e(0) (scale 1/255
+    *relative to the row*), and the P @ V MatMul divides its accumulator by the row's sum of
+    numerators (IntRowNormalize). The numerators' resolution is relative to the row's largest
+    probability instead of to 1."""
+    f = qp.cfg.softmax_frac_bits
+    kernel = qp.cfg.softmax_kernel
+    if kernel == "shiftmax":
+        z = qp.requant(qt, "int32", 1.0 / (LOG2E * 2**f), f"{base}_exp2in")
+    else:
+        z = qp.requant(qt, "int32", 1.0 / 2**f, f"{base}_expin")
+    ins = [z.name] + ([qp._get(masked[1]).name] if masked else [])
+    y = qp._emit(
+        "IntSoftmaxNumerator",
+        ins,
+        f"{base}_num_u8",
+        base,
+        kernel=kernel,
+        frac_bits=f,
+        **_iexp_constants(f),
+    )
+    qp.deferred_softmax = getattr(qp, "deferred_softmax", {})
+    qp.deferred_softmax[node.output[0]] = y
+    qp.q[node.output[0]] = QTensor(y, "uint8", np.asarray(1.0 / 255))  # row-relative
+    qp.rewrites.append(f"{node.name}: softmax with deferred normalisation")
 
 
 # ------------------------------------------------------------------ GELU
@@ -302,6 +355,15 @@ __all__ = ["ONNX_DT", "ibert_gelu_constants"]
 def matmul(qp: QuantizePass, node: onnx.NodeProto) -> None:
     """With CompileConfig.smooth_alpha: per-input-channel int8 activation scales migrated into
     the weight rows (see the config docstring); otherwise the plain MatMul rule."""
+    deferred = getattr(qp, "deferred_softmax", {}).get(node.input[0])
+    if deferred is not None:
+        base = _base(node.name or node.output[0])
+        v = qp.as_dtype(node.input[1], "int8")
+        acc = qp._emit("IntMatMul", [deferred, v.name], f"{base}_acc", base)
+        k = ROW_NORM_FRAC_BITS
+        y = qp._emit("IntRowNormalize", [acc, deferred], f"{base}_i32", f"{base}_norm", frac_bits=k)
+        qp.q[node.output[0]] = QTensor(y, "int32", np.asarray(float(v.scale) / 2**k))
+        return
     alpha = qp.cfg.smooth_alpha
     w = qp._const_value(node.input[1])
     src = qp.q.get(node.input[0])

@@ -293,3 +293,95 @@ register(
         "(int32, scale 2^-k).",
     )
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Deferred softmax normalisation: IntSoftmaxNumerator + IntRowNormalize
+NUMERATOR_MAX = 255
+
+
+def exp_at_zero(kernel: str, poly_b: int, poly_c: int) -> int:
+    """The kernel's exponential of 0 (the largest value it produces): E0."""
+    return (1 << fp.EXP2_BITS) if kernel == "shiftmax" else poly_b * poly_b + poly_c
+
+
+def numerator_core(e, e0: int, xp=fp.NUMPY):
+    """e / E0 as uint8 with scale 1/255: min(255, div_round(255 e, E0))."""
+    return xp.minimum(fp.div_round(e * NUMERATOR_MAX, e0), NUMERATOR_MAX)
+
+
+def _numerator_ref(xs, attrs):
+    x = xs[0].astype(I64)
+    keep = _keep(xs, x)
+    mx = masked_max(x, keep, _rowmax)
+    f = int(attrs["frac_bits"])
+    if attrs["kernel"] == "shiftmax":
+        e = shiftmax_exp(x, mx, keep, f)
+    else:
+        e = ibert_exp(x, mx, keep, f, int(attrs["ln2"]), int(attrs["poly_b"]), int(attrs["poly_c"]))
+    e0 = exp_at_zero(attrs["kernel"], int(attrs["poly_b"]), int(attrs["poly_c"]))
+    return [numerator_core(e, e0).astype(np.uint8)]
+
+
+def _numerator_shape(shapes, dtypes, attrs):
+    if attrs["kernel"] not in ("shiftmax", "ibert"):
+        raise GraphError(f"IntSoftmaxNumerator: kernel {attrs['kernel']!r} is not shiftmax/ibert")
+    return _softmax_shape(shapes, dtypes, attrs)
+
+
+register(
+    OpDef(
+        name="IntSoftmaxNumerator",
+        domain=INTQ_DOMAIN,
+        inputs=(
+            InputSpec("X", ("int32",), doc="exponent (base 2 for shiftmax, e for ibert)"),
+            InputSpec("mask", _MASK.dtypes, optional=True, doc=_MASK.doc),
+        ),
+        attributes={
+            "kernel": "shiftmax",
+            "frac_bits": 12,
+            "ln2": 2839,
+            "poly_b": 5541,
+            "poly_c": 16099,
+        },
+        shape=_numerator_shape,
+        reference=_numerator_ref,
+        doc="Unnormalised softmax: e = the kernel's exp of (x - max) over kept keys; "
+        "Y = min(255, div_round(255 e, E0)) (uint8, e / e(0) at scale 1/255).",
+    )
+)
+
+
+def row_normalize_core(a, total, frac_bits: int, xp=fp.NUMPY):
+    """div_round(a << k, max(total, 1))."""
+    return fp.div_round(a << frac_bits, xp.maximum(total, 1))
+
+
+def _rownorm_shape(shapes, dtypes, attrs):
+    a, e = shapes
+    if tuple(a[:-1]) != tuple(e[:-1]):
+        raise GraphError(f"IntRowNormalize: rows of A {a} and E {e} differ")
+    return [(a, np.dtype("int32"))]
+
+
+def _rownorm_ref(xs, attrs):
+    total = xs[1].astype(I64).sum(axis=-1, keepdims=True)
+    y = row_normalize_core(xs[0].astype(I64), total, int(attrs["frac_bits"]))
+    lo, hi = fp.dtype_bounds("int32")
+    return [np.clip(y, lo, hi).astype(np.int32)]
+
+
+register(
+    OpDef(
+        name="IntRowNormalize",
+        domain=INTQ_DOMAIN,
+        inputs=(
+            InputSpec("A", ("int32",), doc="[..., M, N] = E @ V"),
+            InputSpec("E", ("uint8",), doc="[..., M, K] softmax numerators"),
+        ),
+        attributes={"frac_bits": 8},
+        shape=_rownorm_shape,
+        reference=_rownorm_ref,
+        doc="Y = div_round(A << k, max(sum_K E, 1)) (int32): attention (E @ V) / sum E.",
+    )
+)
