@@ -30,7 +30,7 @@ CONFIG = intq.CompileConfig(
     calibration="minmax",
     softmax_kernel="ibert",
     gelu_kernel="ibert",
-    smooth_alpha=0.8,
+    smooth_alpha=0.85,
     deferred_softmax=True,
 )
 
@@ -59,10 +59,23 @@ def main() -> int:
     cfg = CONFIG.with_(softmax_kernel=args.softmax_kernel, gelu_kernel=args.gelu_kernel)
 
     pairs = numpy_doc_pairs(min_pairs=500)
-    queries, passages = [p[1] for p in pairs], [p[2] for p in pairs]
     tok = Tokenizer()
-    q_ids, q_mask = tok(queries)
-    p_ids, p_mask = tok(passages)
+    # numpy reuses docstrings (np.ma wrappers, aliases): keep pairs whose query and truncated
+    # passage are both distinct inputs (identical inputs cannot be told apart by any model)
+    seen_q, seen_p, keep = set(), set(), []
+    q_all, p_all = tok([p[1] for p in pairs]), tok([p[2] for p in pairs])
+    for k in range(len(pairs)):
+        kq, kp = q_all[0][k].tobytes(), p_all[0][k].tobytes()
+        if kq not in seen_q and kp not in seen_p:
+            keep.append(k)
+        seen_q.add(kq)
+        seen_p.add(kp)
+    pairs = [pairs[k] for k in keep]
+    if len(pairs) < 500:
+        raise RuntimeError(f"only {len(pairs)} distinct numpy docstring pairs (need 500)")
+    queries, passages = [p[1] for p in pairs], [p[2] for p in pairs]
+    q_ids, q_mask = q_all[0][keep], q_all[1][keep]
+    p_ids, p_mask = p_all[0][keep], p_all[1][keep]
     print(
         f"{len(pairs)} numpy docstrings: {len(queries)} queries, {len(passages)} passages "
         f"(bucket {SEQ_LEN} tokens)"
