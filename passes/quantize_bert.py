@@ -120,14 +120,13 @@ def where(qp: QuantizePass, node: onnx.NodeProto) -> None:
         raise UnsupportedOpError(
             "Where", node.name, "only Where(key mask, scores, NEG <= -1e4) feeding a Softmax"
         )
-    qp.masked_scores = getattr(qp, "masked_scores", {})
     qp.masked_scores[node.output[0]] = km  # the Softmax rule reads it
 
 
 # ------------------------------------------------------------------ softmax
 @quant_rule("Softmax")
 def softmax(qp: QuantizePass, node: onnx.NodeProto) -> None:
-    masked = getattr(qp, "masked_scores", {}).get(node.input[0])
+    masked = qp.masked_scores.get(node.input[0])
     kernel = qp.cfg.softmax_kernel
     if masked is None and kernel == "shiftmax":
         qp._op_Softmax(node)
@@ -207,7 +206,6 @@ def _softmax_numerator(qp: QuantizePass, node, qt: QTensor, masked, base: str) -
         frac_bits=f,
         **_iexp_constants(f),
     )
-    qp.deferred_softmax = getattr(qp, "deferred_softmax", {})
     qp.deferred_softmax[node.output[0]] = y
     qp.q[node.output[0]] = QTensor(y, "uint8", np.asarray(1.0 / 255))  # row-relative
     qp.rewrites.append(f"{node.name}: softmax with deferred normalisation")
@@ -268,6 +266,14 @@ def _positive_clip(qp: QuantizePass, node: onnx.NodeProto | None, limit: float) 
     lo = qp._const_value(node.input[1])
     has_hi = len(node.input) > 2 and node.input[2]
     return lo is not None and 0 < float(lo.reshape(-1)[0]) <= limit and not has_hi
+
+
+@quant_prescan
+def bert_state(qp: QuantizePass, g: onnx.GraphProto) -> None:
+    """Per-run state of these rules: masked scores (Where output -> (scores, key mask)) and
+    deferred softmaxes (Softmax output -> its numerator tensor)."""
+    qp.masked_scores = {}
+    qp.deferred_softmax = {}
 
 
 @quant_prescan
@@ -347,15 +353,12 @@ def _l2_rule(x: str):
     return rule
 
 
-__all__ = ["ONNX_DT", "ibert_gelu_constants"]
-
-
 # ------------------------------------------------------------------ SmoothQuant matmuls
 @quant_rule("MatMul")
 def matmul(qp: QuantizePass, node: onnx.NodeProto) -> None:
     """With CompileConfig.smooth_alpha: per-input-channel int8 activation scales migrated into
     the weight rows (see the config docstring); otherwise the plain MatMul rule."""
-    deferred = getattr(qp, "deferred_softmax", {}).get(node.input[0])
+    deferred = qp.deferred_softmax.get(node.input[0])
     if deferred is not None:
         base = _base(node.name or node.output[0])
         v = qp.as_dtype(node.input[1], "int8")
