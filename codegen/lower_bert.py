@@ -239,3 +239,21 @@ def _int_row_normalize(ctx: LowerCtx, node, attrs):
         *(ctx.value(n) for n in node.input),
         name="int_row_normalize",
     )
+
+
+@lowering("IntPolyGELU")
+def _int_poly_gelu(ctx: LowerCtx, node, attrs):
+    kw = {k: int(attrs[k]) for k in ("mult", "shift", "clip", "out_shift")}
+    coeffs = [int(c) for c in attrs["coeffs"]]
+    lo, hi = fp.dtype_bounds("int32")
+
+    def kernel(x: te.Tensor) -> te.Tensor:
+        def f(*i):
+            y = bert.poly_gelu_core(
+                _i64(x(*i)), kw["mult"], kw["shift"], kw["clip"], coeffs, kw["out_shift"], TE
+            )
+            return tirx.min(tirx.max(y, lo), hi).astype("int32")
+
+        return te.compute(x.shape, f, name="int_poly_gelu")
+
+    return ctx.emit_te(kernel, ctx.value(node.input[0]), name="int_poly_gelu")

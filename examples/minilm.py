@@ -29,7 +29,7 @@ from intq.reference import reference_run
 CONFIG = intq.CompileConfig(
     calibration="minmax",
     softmax_kernel="ibert",
-    gelu_kernel="ibert",
+    gelu_kernel="poly",
     smooth_alpha=0.85,
     deferred_softmax=True,
 )

@@ -26,7 +26,8 @@ class CompileConfig:
         polynomial exp2) or "ibert" (I-BERT: natural exponent, i-exp = -ln2 decomposition +
         second-order polynomial).
     gelu_kernel: integer GELU family: "shiftgelu" (I-ViT: x sigmoid(1.702 x) from exp2) or
-        "ibert" (I-BERT i-GELU: erf from a second-order polynomial, int16 input).
+        "ibert" (I-BERT i-GELU: erf from a second-order polynomial, int16 input) or "poly"
+        (erf from a degree-9 fixed-point polynomial on [0, 3], int16 input; IntPolyGELU).
     smooth_alpha: SmoothQuant migration strength for matmuls with a constant weight whose input
         is a wide (int16/int32) per-tensor activation: None (off) or alpha in [0, 1]. The
         activation is requantized to int8 per input channel k at s * m_k and W's row k is
@@ -46,7 +47,7 @@ class CompileConfig:
     gelu_frac_bits: int = 12
     num_threads: int | None = None
     softmax_kernel: Literal["shiftmax", "ibert"] = "shiftmax"
-    gelu_kernel: Literal["shiftgelu", "ibert"] = "shiftgelu"
+    gelu_kernel: Literal["shiftgelu", "ibert", "poly"] = "shiftgelu"
     smooth_alpha: float | None = None
     deferred_softmax: bool = False
     opset: int = 18
@@ -75,9 +76,9 @@ class CompileConfig:
             raise ConfigError(
                 f"softmax_kernel must be 'shiftmax' or 'ibert', got {self.softmax_kernel!r}"
             )
-        if self.gelu_kernel not in ("shiftgelu", "ibert"):
+        if self.gelu_kernel not in ("shiftgelu", "ibert", "poly"):
             raise ConfigError(
-                f"gelu_kernel must be 'shiftgelu' or 'ibert', got {self.gelu_kernel!r}"
+                f"gelu_kernel must be 'shiftgelu', 'ibert' or 'poly', got {self.gelu_kernel!r}"
             )
         if self.smooth_alpha is not None and not (
             isinstance(self.smooth_alpha, (int, float)) and 0.0 <= self.smooth_alpha <= 1.0

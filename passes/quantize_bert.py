@@ -223,10 +223,46 @@ def ibert_gelu_constants(s: float, qmax: int) -> tuple[int, int, int] | None:
     return clip_b, poly_c, out_shift
 
 
+POLY_ERF_DEGREE = 9
+POLY_ERF_CLIP = 3.0  # erf(3) = 1 - 2.2e-5
+
+
+def poly_gelu_attrs(s: float, qmax: int) -> dict:
+    """IntPolyGELU attributes for input scale s, |q| <= qmax: erf fitted on [0, 3] by a
+    degree-9 polynomial (least squares on Chebyshev nodes; max error 3e-5), in Q30."""
+    from intq.ops import bert
+    from intq.ops import fixedpoint as fp
+
+    nodes = (1 - np.cos(np.linspace(0, np.pi, 2000))) / 2 * POLY_ERF_CLIP
+    erf = np.array([math.erf(v) for v in nodes])
+    # fitted in real units of u: Horner's (acc * u_Q16) >> 16 multiplies by the real u
+    coeffs = np.polyfit(nodes, erf, POLY_ERF_DEGREE)
+    q_coeffs = [int(round_half_up(c * 2**bert.POLY_ONE_BITS)) for c in coeffs]
+    mult, shift = fp.quantize_multiplier(s / math.sqrt(2.0) * 2**bert.POLY_U_BITS)
+    clip = int(round_half_up(POLY_ERF_CLIP * 2**bert.POLY_U_BITS))
+    peak = qmax * 2 ** (bert.POLY_ONE_BITS + 1)
+    return {
+        "mult": mult,
+        "shift": shift,
+        "clip": clip,
+        "coeffs": q_coeffs,
+        "out_shift": max(0, peak.bit_length() - 31),
+    }
+
+
 @quant_rule("Gelu")
 def gelu(qp: QuantizePass, node: onnx.NodeProto) -> None:
     if qp.cfg.gelu_kernel == "shiftgelu":
         qp._op_Gelu(node)
+        return
+    if qp.cfg.gelu_kernel == "poly":
+        base = _base(node.name or node.output[0])
+        x = qp.as_dtype(node.input[0], "int16")
+        s = float(x.scale)
+        a = poly_gelu_attrs(s, 32767)
+        y = qp._emit("IntPolyGELU", [x.name], f"{base}_i32", base, **a)
+        scale = s / 2 * 2.0**-(30) * 2 ** a["out_shift"]
+        qp.q[node.output[0]] = QTensor(y, "int32", np.asarray(scale))
         return
     base = _base(node.name or node.output[0])
     for dt in ("int16", "int8"):

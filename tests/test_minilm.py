@@ -22,6 +22,7 @@ FAMILIES = {
         smooth_alpha=0.85,
         deferred_softmax=True,
     ),
+    "poly": intq.CompileConfig(gelu_kernel="poly", softmax_kernel="ibert"),
 }
 
 
@@ -60,6 +61,8 @@ def test_tiny_bert_integer_only_and_bit_exact(tiny):
     assert {"IntEmbedding", "IntMaskedMean", "IntL2Normalize"} <= ops
     if family == "ibert":
         assert {"IntSoftmaxNumerator", "IntRowNormalize", "IBertGELU"} <= ops
+    elif family == "poly":
+        assert {"IBertSoftmax", "IntPolyGELU"} <= ops
     else:
         assert {"IntMaskedSoftmax", "IntGELU"} <= ops
     ids, mask = _batch(np.random.default_rng(5), 5)

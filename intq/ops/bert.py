@@ -385,3 +385,56 @@ register(
         doc="Y = div_round(A << k, max(sum_K E, 1)) (int32): attention (E @ V) / sum E.",
     )
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# IntPolyGELU: erf-GELU with erf from a degree-n polynomial (Horner in fixed point)
+POLY_ONE_BITS = 30  # erf values in Q30
+POLY_U_BITS = 16  # the polynomial's argument u = |x| s / sqrt 2 in Q16
+
+
+def poly_gelu_core(q, mult: int, shift: int, clip: int, coeffs, out_shift: int, xp=fp.NUMPY):
+    """u = min(round_shift(|q| mult, shift), clip) (Q16); erf = Horner(coeffs, u) clamped to
+    [0, 2^30] (coeffs in Q30, highest degree first; acc = (acc u >> 16) + c);
+    Y = round_shift(q (2^30 + sign(q) erf), out_shift)."""
+    a = xp.maximum(q, -q)
+    u = xp.minimum(fp.round_shift(a * mult, shift, xp), clip)
+    acc = q * 0 + int(coeffs[0])
+    for c in coeffs[1:]:
+        acc = ((acc * u) >> POLY_U_BITS) + int(c)
+    erf = xp.minimum(xp.maximum(acc, 0), 1 << POLY_ONE_BITS)
+    signed = xp.where(q < 0, -erf, erf)
+    return fp.round_shift(q * ((1 << POLY_ONE_BITS) + signed), out_shift, xp)
+
+
+def _poly_gelu_ref(xs, attrs):
+    y = poly_gelu_core(
+        xs[0].astype(I64),
+        int(attrs["mult"]),
+        int(attrs["shift"]),
+        int(attrs["clip"]),
+        [int(c) for c in attrs["coeffs"]],
+        int(attrs["out_shift"]),
+    )
+    lo, hi = fp.dtype_bounds("int32")
+    return [np.clip(y, lo, hi).astype(np.int32)]
+
+
+def _poly_gelu_shape(shapes, dtypes, attrs):
+    if not attrs["coeffs"]:
+        raise GraphError("IntPolyGELU: coeffs must be given")
+    return [(shapes[0], np.dtype("int32"))]
+
+
+register(
+    OpDef(
+        name="IntPolyGELU",
+        domain=INTQ_DOMAIN,
+        inputs=(InputSpec("X", ("int8", "int16")),),
+        attributes={"mult": 1, "shift": 0, "clip": 1, "coeffs": [], "out_shift": 0},
+        shape=_poly_gelu_shape,
+        reference=_poly_gelu_ref,
+        doc="erf-GELU: u = min(round_shift(|x| mult, shift), clip) (Q16); erf = Horner(coeffs, "
+        "u) (Q30, clamped to [0, 2^30]); Y = round_shift(x (2^30 + sign(x) erf), out_shift).",
+    )
+)
