@@ -36,7 +36,7 @@ def lowering(*names: str) -> Callable[[Lowering], Lowering]:
 
 
 # Lowerings for op families kept in their own modules (codegen/lower_<family>.py).
-LOWERING_MODULES: tuple[str, ...] = ("intq.codegen.lower_log2",)
+LOWERING_MODULES: tuple[str, ...] = ("intq.codegen.lower_log2", "intq.codegen.lower_bert")
 
 
 def _load_lowering_modules() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from intq.errors import InputSignatureError
+from intq.errors import InputSignatureError, InputValueError
 
 DTYPE_BOUNDS: dict[str, tuple[int, int]] = {
     "int8": (-128, 127),
@@ -37,6 +37,7 @@ class InputSpec:
     dtype: str  # what the user passes, e.g. "float32" or "int64"
     qdtype: str  # what the integer graph reads, e.g. "int8"
     scale: float | None
+    valid_range: tuple[int, int] | None = None  # integer inputs: allowed [lo, hi] (e.g. ids)
 
     def signature(self) -> str:
         return f"{self.name}: {self.dtype}{list(self.shape)}"
@@ -90,7 +91,14 @@ class Signature:
         if d.get("format") != FORMAT_VERSION:
             raise ValueError(f"unsupported intq metadata format {d.get('format')!r}")
         ins = tuple(
-            InputSpec(i["name"], tuple(i["shape"]), i["dtype"], i["qdtype"], i["scale"])
+            InputSpec(
+                i["name"],
+                tuple(i["shape"]),
+                i["dtype"],
+                i["qdtype"],
+                i["scale"],
+                tuple(i["valid_range"]) if i.get("valid_range") is not None else None,
+            )
             for i in d["inputs"]
         )
         outs = tuple(
@@ -140,6 +148,17 @@ def check_batch_inputs(
             lo, hi = DTYPE_BOUNDS.get(spec.qdtype, (None, None))
             if lo is not None and x.size and (x.min() < lo or x.max() > hi):
                 raise InputSignatureError(f"input {spec.name!r} has values outside {spec.qdtype}")
+            if spec.valid_range is not None and x.size:
+                vlo, vhi = spec.valid_range
+                bad = np.argwhere((x < vlo) | (x > vhi))
+                if bad.size:
+                    pos = tuple(int(v) for v in bad[0])
+                    raise InputValueError(
+                        f"input {spec.name!r} holds {int(x[pos])} at index {list(pos)}, outside "
+                        f"its valid range [{vlo}, {vhi}] ({len(bad)} value(s) out of range)",
+                        spec.name,
+                        int(x[pos]),
+                    )
         elif not np.all(np.isfinite(x)):
             raise InputSignatureError(f"input {spec.name!r} holds NaN or infinity")
         arrays.append(x)

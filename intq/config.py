@@ -31,6 +31,21 @@ class CompileConfig:
         scales into the LayerNorm affine and the next linear layers (RepQLayerNormPass), so they
         quantize well per tensor; "none" leaves the float graph as exported.
     progress: print a progress bar over the calibration batches on stderr.
+    softmax_kernel: integer softmax family: "shiftmax" (I-ViT: base-2 exponent, shift +
+        polynomial exp2) or "ibert" (I-BERT: natural exponent, i-exp = -ln2 decomposition +
+        second-order polynomial).
+    gelu_kernel: integer GELU family: "shiftgelu" (I-ViT: x sigmoid(1.702 x) from exp2) or
+        "ibert" (I-BERT i-GELU: erf from a second-order polynomial, int16 input) or "poly"
+        (erf from a degree-9 fixed-point polynomial on [0, 3], int16 input; IntPolyGELU).
+    smooth_alpha: SmoothQuant migration strength for matmuls with a constant weight whose input
+        is a wide (int16/int32) per-tensor activation: None (off) or alpha in [0, 1]. The
+        activation is requantized to int8 per input channel k at s * m_k and W's row k is
+        multiplied by m_k = amax_x[k]^alpha / amax_W[k]^(1 - alpha) before weight quantization
+        (exact algebra; outlier channels no longer set everyone's int8 step).
+    deferred_softmax: a softmax read only as P in P @ V emits uint8 numerators e / e(0)
+        (IntSoftmaxNumerator) and the matmul divides by their row sum (IntRowNormalize), so
+        probabilities keep 8 bits relative to the row's largest one instead of to 1.
+    (LayerNorm is one kernel in both families: integer statistics and the Newton isqrt.)
     """
 
     calibration: Literal["minmax", "percentile", "search"] = "percentile"
@@ -42,6 +57,10 @@ class CompileConfig:
     softmax_log2_bits: int = 4
     gelu_frac_bits: int = 12
     num_threads: int | None = None
+    softmax_kernel: Literal["shiftmax", "ibert"] = "shiftmax"
+    gelu_kernel: Literal["shiftgelu", "ibert", "poly"] = "shiftgelu"
+    smooth_alpha: float | None = None
+    deferred_softmax: bool = False
     opset: int = 18
     progress: bool = False
     reparam: Literal["none", "repq"] = "none"
@@ -72,6 +91,18 @@ class CompileConfig:
             raise ConfigError(
                 f"num_threads must be a positive int or None, got {self.num_threads!r}"
             )
+        if self.softmax_kernel not in ("shiftmax", "ibert"):
+            raise ConfigError(
+                f"softmax_kernel must be 'shiftmax' or 'ibert', got {self.softmax_kernel!r}"
+            )
+        if self.gelu_kernel not in ("shiftgelu", "ibert", "poly"):
+            raise ConfigError(
+                f"gelu_kernel must be 'shiftgelu', 'ibert' or 'poly', got {self.gelu_kernel!r}"
+            )
+        if self.smooth_alpha is not None and not (
+            isinstance(self.smooth_alpha, (int, float)) and 0.0 <= self.smooth_alpha <= 1.0
+        ):
+            raise ConfigError(f"smooth_alpha must be None or in [0, 1], got {self.smooth_alpha!r}")
         if self.opset < 17:
             raise ConfigError("opset must be >= 17 (LayerNormalization)")
 

@@ -29,6 +29,16 @@ class InputSignatureError(IntqError):
     """An input given to `run` does not match the compiled signature."""
 
 
+class InputValueError(InputSignatureError):
+    """An integer input holds a value outside its valid range (e.g. a token id outside the
+    vocabulary): `input` names the input, `value` is the first offending value."""
+
+    def __init__(self, message: str, input_name: str, value: int) -> None:
+        super().__init__(message)
+        self.input = input_name
+        self.value = value
+
+
 class IntegerOnlyViolation(IntqError):
     """A float tensor or float op was found where only integers are allowed."""
 

@@ -9,7 +9,8 @@ Per tensor, over all batches (ranges are symmetric, |x| only):
   * search:     a = argmin over the candidates {p-th percentile of |x| : p in
     SEARCH_PERCENTILES} u {max |x|} of the L2 error of int8 quantization on the pooled sample,
         err(a) = sum_i (clip(round_half_up(|x_i| * 127 / a), 0, 127) * a / 127 - |x_i|)^2,
-    i.e. the clipping range that trades rounding against clipping error best.
+    i.e. the clipping range that trades rounding against clipping error best;
+  * channel_amax: max |x| per index of the last axis (for SmoothQuant-style migration).
 """
 
 from __future__ import annotations
@@ -36,12 +37,18 @@ class TensorStats:
     pct: float
     batches: int
     search: float | None = None  # only computed when asked for (calibrate(search=True))
+    channel_amax: np.ndarray | None = None  # max |x| per index of the last axis
 
 
 @dataclass
 class Calibration:
     stats: dict[str, TensorStats]
     percentile: float
+
+    def channel_amax(self, name: str) -> np.ndarray | None:
+        """max |x| per index of the tensor's last axis (None when not recorded)."""
+        s = self.stats.get(name)
+        return None if s is None else s.channel_amax
 
     def amax(self, name: str, method: str = "minmax") -> float:
         if name not in self.stats:
@@ -195,14 +202,19 @@ def calibrate(
     (see `run_float_model` for the batch format)."""
     acc: dict[str, list[float]] = {}
     pools: dict[str, list[np.ndarray]] = {}
+    chan: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
     for values in run_float_model(model, batches, batch_size=batch_size, progress=progress):
         for n, r in values.items():
             if r.dtype.kind != "f":
                 continue
-            a = np.abs(r.astype(np.float32, copy=False)).ravel()
+            a = np.abs(r.astype(np.float32, copy=False))
             if a.size == 0:
                 continue
+            if a.ndim >= 1:
+                cm = a.reshape(-1, a.shape[-1]).max(axis=0)
+                chan[n] = np.maximum(chan[n], cm) if n in chan else cm
+            a = a.ravel()
             acc.setdefault(n, []).append(float(a.max()))
             if a.size > SAMPLES_PER_BATCH:
                 a = a[rng.integers(0, a.size, SAMPLES_PER_BATCH)]
@@ -218,6 +230,7 @@ def calibrate(
             float(np.percentile(pool, percentile)),
             len(acc[n]),
             search_range(pool, amax) if search else None,
+            chan.get(n),
         )
     return Calibration(stats, percentile)
 

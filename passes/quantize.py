@@ -14,6 +14,7 @@ The pass emits no float tensor and no float op; scales land only in the Signatur
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -56,7 +57,10 @@ MOVEMENT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Iden
 # a rule is `fn(qp: QuantizePass, node: onnx.NodeProto) -> None` and sets qp.q[output].
 QuantRule = Callable[["QuantizePass", onnx.NodeProto], None]
 _RULES: dict[str, QuantRule] = {}
-RULE_MODULES: tuple[str, ...] = ()
+RULE_MODULES: tuple[str, ...] = ("intq.passes.quantize_bert",)
+# Prescans run once per graph before the rules: `fn(qp, graph)`; they may mark nodes fused
+# (qp.fused) and register anchors (qp.anchors: node name -> rule) for multi-node patterns.
+_PRESCANS: list[Callable[[QuantizePass, onnx.GraphProto], None]] = []
 
 
 def quant_rule(*op_types: str) -> Callable[[QuantRule], QuantRule]:
@@ -68,6 +72,14 @@ def quant_rule(*op_types: str) -> Callable[[QuantRule], QuantRule]:
         return fn
 
     return deco
+
+
+def quant_prescan(
+    fn: Callable[[QuantizePass, onnx.GraphProto], None],
+) -> Callable[[QuantizePass, onnx.GraphProto], None]:
+    """Register a prescan (see _PRESCANS)."""
+    _PRESCANS.append(fn)
+    return fn
 
 
 def _rule_for(op_type: str) -> Callable[[onnx.NodeProto], None] | None:
@@ -118,6 +130,8 @@ class QuantizePass(Pass):
             for vi in list(g.input) + list(g.value_info) + list(g.output)
         }
         self.fused: set[str] = set()
+        self.anchors: dict[str, QuantRule] = {}
+        self.input_ranges: dict[str, tuple[int, int]] = {}
         self.rewrites: list[str] = []
         init_names = {t.name for t in g.initializer}
         in_specs = []
@@ -125,12 +139,15 @@ class QuantizePass(Pass):
             if inp.name in init_names:
                 continue
             in_specs.append(self._quantize_input(inp))
+        _rule_for("")  # imports the rule modules (their prescans register)
+        for scan in _PRESCANS:
+            scan(self, g)
         for node in topo_sort(g):
             if node.name in self.fused:
                 continue
             if node.op_type == "Constant":
                 continue
-            rule = _rule_for(node.op_type)
+            rule = self.anchors.get(node.name) or _rule_for(node.op_type)
             handler = getattr(self, f"_op_{node.op_type}", None)
             if (rule is None and handler is None) or node.domain not in ("", "ai.onnx"):
                 raise UnsupportedOpError(node.op_type, node.name, "no integer rule for this op")
@@ -139,6 +156,12 @@ class QuantizePass(Pass):
             else:
                 handler(node)
         out_specs = [self._graph_output(o) for o in g.output]
+        in_specs = [
+            dataclasses.replace(s, valid_range=self.input_ranges[s.name])
+            if s.name in self.input_ranges
+            else s
+            for s in in_specs
+        ]
         batch = in_specs[0].shape[0] if in_specs and in_specs[0].shape else 1
         sig = boundary.Signature(tuple(in_specs), tuple(out_specs), int(batch))
         qmodel = self._assemble(model, sig)

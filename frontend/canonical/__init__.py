@@ -4,7 +4,8 @@ After `canonicalize` the graph has no Constant, Identity or Dropout nodes; const
 subexpressions (incl. Shape of static tensors, so Reshape targets) are initializers; linear
 layers are `MatMul(x, W)` [+ `Add(b)`] with W a constant (no Gemm); layer norms are
 `LayerNormalization(axis=-1)`; GELUs are `Gelu` (opset 20); attention scores are
-`MatMul(Q, K^T) -> Mul(c > 0) -> Softmax` (scalar scalings moved behind the MatMul).
+`MatMul(Q, K^T) -> Mul(c > 0) -> Softmax` (scalar scalings moved behind the MatMul); an
+additive key mask from a [B, S] integer input is `Softmax(Where(Cast(Reshape(M), BOOL), x, NEG))`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from intq.frontend.canonical.fold_scalar_into_matmul import FoldScalarIntoMatMul
 from intq.frontend.canonical.fuse_gelu import FuseGelu
 from intq.frontend.canonical.fuse_layernorm import FuseLayerNorm
 from intq.frontend.canonical.gemm_to_matmul_add import GemmToMatMulAdd
+from intq.frontend.canonical.key_mask import CanonicalKeyMask
 from intq.frontend.export import infer_shapes
 from intq.ir import remove_unused
 from intq.passes.base import Pass, PassManager, PassResult
@@ -33,6 +35,7 @@ __all__ = [
     "FuseLayerNorm",
     "FuseGelu",
     "FoldScalarIntoMatMul",
+    "CanonicalKeyMask",
 ]
 
 PASSES: tuple[type[Pass], ...] = (
@@ -43,6 +46,7 @@ PASSES: tuple[type[Pass], ...] = (
     FuseLayerNorm,
     FuseGelu,
     FoldScalarIntoMatMul,
+    CanonicalKeyMask,
 )
 
 
