@@ -36,7 +36,7 @@ def lowering(*names: str) -> Callable[[Lowering], Lowering]:
 
 
 # Lowerings for op families kept in their own modules (codegen/lower_<family>.py).
-LOWERING_MODULES: tuple[str, ...] = ()
+LOWERING_MODULES: tuple[str, ...] = ("intq.codegen.lower_cnn",)
 
 
 def _load_lowering_modules() -> None:

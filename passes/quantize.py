@@ -53,7 +53,7 @@ MOVEMENT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Iden
 # a rule is `fn(qp: QuantizePass, node: onnx.NodeProto) -> None` and sets qp.q[output].
 QuantRule = Callable[["QuantizePass", onnx.NodeProto], None]
 _RULES: dict[str, QuantRule] = {}
-RULE_MODULES: tuple[str, ...] = ()
+RULE_MODULES: tuple[str, ...] = ("intq.passes.quantize_cnn",)
 
 
 def quant_rule(*op_types: str) -> Callable[[QuantRule], QuantRule]:
