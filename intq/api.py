@@ -3,7 +3,8 @@
 The pipeline, top to bottom:
     1. export       model -> float ONNX                         (frontend.to_onnx)
     2. canonicalise one form for LN / GELU / linear / attention  (frontend.canonicalize)
-       fold          BatchNorm into the preceding conv              (passes.fold_batchnorm)
+       fold          BatchNorm into the preceding conv / linear     (passes.fold_batchnorm)
+                     RepVGG multi-branch blocks into one conv       (passes.fold_repvgg)
     3. calibrate    float ranges of every tensor in onnxruntime  (passes.calibration)
     4. quantize     float graph -> integer-only ONNX graph       (passes.quantize)
     5. verify       integer-only check                           (intq.check)
@@ -84,12 +85,14 @@ def compile(  # noqa: A001 - the public verb
     from intq.frontend import canonicalize, infer_shapes, to_onnx
     from intq.passes.calibration import calibrate
     from intq.passes.fold_batchnorm import FoldBatchNormPass
+    from intq.passes.fold_repvgg import FoldRepVGGPass
     from intq.passes.quantize import QuantizePass
 
     cfg = config or CompileConfig()
     check_target(target)
     float_model = canonicalize(infer_shapes(to_onnx(model, example_inputs, opset=cfg.opset))).model
     float_model = FoldBatchNormPass().run(float_model).model
+    float_model = FoldRepVGGPass().run(float_model).model
     cal = calibrate(float_model, calibration, percentile=cfg.percentile)
     integer_model = QuantizePass(cal, cfg).run(float_model).model
     offenders = check_integer_only(integer_model)
