@@ -85,5 +85,6 @@ def repvgg_digits(
     num_classes: int = 10,
     groups: int = 1,
 ) -> RepVGG:
-    """A small RepVGG for the 1x8x8 digits: stages at 8x8, 4x4, 2x2."""
-    return RepVGG(widths, depths, [1, 2, 2], num_classes, in_chans=1, groups=groups)
+    """A small RepVGG for the 1x8x8 digits: the first stage at 8x8, each later one halves."""
+    strides = [1] + [2] * (len(widths) - 1)
+    return RepVGG(widths, depths, strides, num_classes, in_chans=1, groups=groups)

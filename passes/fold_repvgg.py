@@ -93,8 +93,10 @@ class FoldRepVGGPass(Pass):
             )
             if not inner:
                 roots.append(node)
-        for root in roots:
-            why = self._fold(g, root, names, producers(g), consumers(g))
+        for root_out in [r.output[0] for r in roots]:
+            prod = producers(g)  # node messages are re-read after every rewrite
+            root = prod[root_out]
+            why = self._fold(g, root, names, prod, consumers(g))
             if why is None:
                 rewrites.append(f"{_label(root)}: multi-branch block folded into one Conv")
             else:
@@ -191,11 +193,10 @@ class FoldRepVGGPass(Pass):
         )
         dead = {id(n) for n in adds} | {id(b.node) for b in branches if b.node is not None}
         dead_t = {o for n in g.node if id(n) in dead for o in n.output} - {root.output[0]}
-        pos = min(k for k, n in enumerate(g.node) if id(n) in dead)
-        keep = [n for n in g.node if id(n) not in dead]
-        keep.insert(min(pos, len(keep)), conv)
-        del g.node[:]
-        g.node.extend(keep)
+        doomed = [k for k, n in enumerate(g.node) if id(n) in dead]
+        for k in reversed(doomed):
+            del g.node[k]
+        g.node.insert(doomed[0], conv)  # x is written before every branch read it
         for k in reversed(range(len(g.value_info))):
             if g.value_info[k].name in dead_t:
                 del g.value_info[k]
