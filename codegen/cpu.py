@@ -5,8 +5,9 @@ int16 once per call; the inner product is one `vpmaddwd` (s16 x s8 pairs -> s32)
 (AVX2: 8, AVX-512: 16) through a tensor intrinsic of our own; register tile MR x NT, parallel
 over output tiles; int32 accumulators. Without AVX2 a portable vectorized schedule is used.
 Convolution with group 1 is im2col (a TE data-movement stage) + the same GEMM; grouped and
-depthwise convolution is a direct int32 reduction over C/group * kh * kw taps (grouped_conv_te). The arithmetic
-is int8 x int8 -> int32 exactly as IntMatMul / IntConv define it; tests compare bit for bit.
+depthwise convolution is a direct int32 reduction over C/group * kh * kw taps (grouped_conv_te).
+The arithmetic is int8 x int8 -> int32 exactly as IntMatMul / IntConv define it; tests compare
+bit for bit.
 """
 
 from __future__ import annotations

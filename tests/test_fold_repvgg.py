@@ -45,11 +45,17 @@ def block(c=8, m=8, stride=1, group=1, identity="bn", k1=1, pad1=None, outputs=(
         "w1": RNG.standard_normal((m, c // group, k1, k1)).astype(F32),
         "b1": RNG.standard_normal(m).astype(F32),
     }
-    nodes = [conv("x", "t3", "w3", "b3", 3, stride, group), conv("x", "t1", "w1", "b1", k1, stride, group, pad1)]
+    nodes = [
+        conv("x", "t3", "w3", "b3", 3, stride, group),
+        conv("x", "t1", "w1", "b1", k1, stride, group, pad1),
+    ]
     nodes.append(helper.make_node("Add", ["t3", "t1"], ["s"], name="add1"))
     if identity == "bn":
         inits.update(bn_params(c, "i_"))
-        nodes += [bn("x", "tid", prefix="i_"), helper.make_node("Add", ["s", "tid"], ["y"], name="add2")]
+        nodes += [
+            bn("x", "tid", prefix="i_"),
+            helper.make_node("Add", ["s", "tid"], ["y"], name="add2"),
+        ]
     elif identity == "plain":
         nodes.append(helper.make_node("Add", ["x", "s"], ["y"], name="add2"))
     else:
