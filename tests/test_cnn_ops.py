@@ -111,3 +111,42 @@ def ReferenceInterpreter_run(node, x):  # noqa: N802 - mirrors the class it wrap
         g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(INTQ_DOMAIN, 1)]
     )
     return ReferenceInterpreter(m).run({"x": x})["y"]
+
+
+def test_small_cnn_end_to_end():
+    """A CNN with every CNN op (strided, depthwise and grouped conv, ReLU / ReLU6 folded into
+    requantization, residual add, max / average / global average pooling) compiles integer-only
+    and TVM equals the reference bit for bit."""
+    import intq
+
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+            self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8), nn.ReLU6())
+            self.gc = nn.Conv2d(8, 8, 1, groups=2)
+            self.pool = nn.MaxPool2d(3, 2, 1)
+            self.avg = nn.AvgPool2d(2, 2)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+        def forward(self, x):
+            y = self.stem(x)
+            y = torch.relu(y + self.gc(self.dw(y)))
+            return self.head(self.avg(self.pool(y)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    cal = [rng.standard_normal((2, 3, 16, 16)).astype(np.float32) for _ in range(4)]
+    lib = intq.compile(model, x, calibration=cal)
+    assert intq.check_integer_only(lib.integer_onnx) == []
+    ops = {n.op_type for n in lib.integer_onnx.graph.node}
+    assert {"IntConv", "IntMaxPool", "IntAvgPool", "IntMean", "IntAdd"} <= ops, ops
+    np.testing.assert_array_equal(lib.run(x), intq.reference_run(lib.integer_onnx, x))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    deq = np.asarray(lib.dequantize(lib.run(x)))
+    assert np.abs(deq - ref).max() < 0.1 * np.abs(ref).max()
