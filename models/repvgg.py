@@ -74,9 +74,7 @@ class RepVGG(nn.Module):
 
 def repvgg_a0(num_classes: int = 1000, in_chans: int = 3) -> RepVGG:
     """RepVGG-A0 (train-time form) for 224x224 inputs."""
-    return RepVGG(
-        [48, 48, 96, 192, 1280], [1, 2, 4, 14, 1], [2, 2, 2, 2, 2], num_classes, in_chans
-    )
+    return RepVGG([48, 48, 96, 192, 1280], [1, 2, 4, 14, 1], [2, 2, 2, 2, 2], num_classes, in_chans)
 
 
 def repvgg_digits(
