@@ -4,8 +4,10 @@ Layout: weights pre-packed at compile time as W[N/NL, K/2, NL, 2] int8; activati
 int16 once per call; the inner product is one `vpmaddwd` (s16 x s8 pairs -> s32) per NL lanes
 (AVX2: 8, AVX-512: 16) through a tensor intrinsic of our own; register tile MR x NT, parallel
 over output tiles; int32 accumulators. Without AVX2 a portable vectorized schedule is used.
-Convolution with group 1 is im2col (a TE data-movement stage) + the same GEMM. The arithmetic
-is int8 x int8 -> int32 exactly as IntMatMul / IntConv define it; tests compare bit for bit.
+Convolution with group 1 is im2col (a TE data-movement stage) + the same GEMM; grouped and
+depthwise convolution is a direct int32 reduction over C/group * kh * kw taps (grouped_conv_te).
+The arithmetic is int8 x int8 -> int32 exactly as IntMatMul / IntConv define it; tests compare
+bit for bit.
 """
 
 from __future__ import annotations
@@ -375,14 +377,23 @@ class CpuKernels:
         n, c, h, wd = xs
         m, cg, kh, kw = ws
         group = int(attrs["group"])
-        if group != 1 or ctx.dtypes[node.input[0]] != "int8":
-            raise LoweringError(
-                f"IntConv {node.name!r}: only group=1 int8 convolution is lowered on cpu-int8"
-            )
+        if ctx.dtypes[node.input[0]] != "int8":
+            raise LoweringError(f"IntConv {node.name!r}: only int8 convolution is lowered on cpu")
         _, _, oh, ow = ctx.shapes[node.output[0]]
         strides = list(attrs["strides"] or [1, 1])
         dil = list(attrs["dilations"] or [1, 1])
         pads = list(attrs["pads"] or [0, 0, 0, 0])
+        if group != 1:
+            bias = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            b = relax.const((bias if bias is not None else np.zeros(m)).astype(np.int32))
+            out_shape = ctx.shapes[node.output[0]]
+            return ctx.emit_te(
+                lambda x, w, c: grouped_conv_te(x, w, c, group, strides, dil, pads, out_shape),
+                ctx.value(node.input[0]),
+                relax.const(ctx.const(node.input[1]).astype(np.int8)),
+                b,
+                name="int8_conv_grouped",
+            )
         cols = ctx.bb.emit_te(
             lambda x: im2col(x, kh, kw, strides, dil, pads, oh, ow),
             ctx.value(node.input[0]),
@@ -393,6 +404,37 @@ class CpuKernels:
         y = self._gemm(ctx, cols, np.ascontiguousarray(w_kn), bias)  # [n*oh*ow, m]
         y = ctx.bb.emit(relax.op.reshape(y, (n, oh, ow, m)))
         return ctx.bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+
+
+def grouped_conv_te(x, w, bias, group: int, strides, dil, pads, out_shape):
+    """Grouped / depthwise conv as a direct int32 reduction (C/group * kh * kw taps per output):
+    y[b, m, oy, ox] = bias[m] + sum_{c, i, j} xpad[b, g*C/group + c, oy*sh + i*dh, ox*sw + j*dw]
+    * w[m, c, i, j] with g = m // (M/group), xpad zero-padded by `pads`. Exact in int32 (the
+    reduction is bounded by IntConv's shape rule)."""
+    n, c, h, wd = (int(s) for s in x.shape)
+    m, cg, kh, kw = (int(s) for s in w.shape)
+    mg = m // group
+    pt, pl, pb, pr = pads
+    zero = tirx.const(0, x.dtype)
+
+    def pad(b, ci, y, xx):
+        inside = tirx.all(y >= pt, y < h + pt, xx >= pl, xx < wd + pl)
+        yc = tirx.max(tirx.min(y - pt, h - 1), 0)
+        xc = tirx.max(tirx.min(xx - pl, wd - 1), 0)
+        return tirx.if_then_else(inside, x[b, ci, yc, xc], zero)
+
+    xpad = te.compute((n, c, h + pt + pb, wd + pl + pr), pad, name="conv_pad")
+    rc = te.reduce_axis((0, cg), name="rc")
+    ri = te.reduce_axis((0, kh), name="ri")
+    rj = te.reduce_axis((0, kw), name="rj")
+
+    def acc(b, mo, oy, ox):
+        ci = (mo // mg) * cg + rc
+        v = xpad[b, ci, oy * strides[0] + ri * dil[0], ox * strides[1] + rj * dil[1]]
+        return te.sum(v.astype("int32") * w[mo, rc, ri, rj].astype("int32"), axis=[rc, ri, rj])
+
+    y = te.compute(tuple(out_shape), acc, name="conv_acc")
+    return te.compute(y.shape, lambda b, mo, oy, ox: y[b, mo, oy, ox] + bias[mo], name="conv_y")
 
 
 def im2col(x, kh, kw, strides, dil, pads, oh, ow):

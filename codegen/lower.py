@@ -36,7 +36,11 @@ def lowering(*names: str) -> Callable[[Lowering], Lowering]:
 
 
 # Lowerings for op families kept in their own modules (codegen/lower_<family>.py).
-LOWERING_MODULES: tuple[str, ...] = ("intq.codegen.lower_log2", "intq.codegen.lower_bert")
+LOWERING_MODULES: tuple[str, ...] = (
+    "intq.codegen.lower_log2",
+    "intq.codegen.lower_bert",
+    "intq.codegen.lower_cnn",
+)
 
 
 def _load_lowering_modules() -> None:

@@ -3,7 +3,8 @@
 The pipeline, top to bottom:
     1. export       model -> float ONNX                         (frontend.to_onnx)
     2. canonicalise one form for LN / GELU / linear / attention  (frontend.canonicalize)
-       fold          BatchNorm into the preceding conv              (passes.fold_batchnorm)
+       fold          BatchNorm into the preceding conv / linear     (passes.fold_batchnorm)
+                     RepVGG multi-branch blocks into one conv       (passes.fold_repvgg)
        reparam       per-channel LN scales into LN + linears (opt.) (passes.repq_reparam)
     3. calibrate    float ranges of every tensor in onnxruntime  (passes.calibration)
     4. quantize     float graph -> integer-only ONNX graph       (passes.quantize)
@@ -92,6 +93,7 @@ def compile(  # noqa: A001 - the public verb
     from intq.frontend import canonicalize, infer_shapes, to_onnx
     from intq.passes.calibration import calibrate, channel_ranges
     from intq.passes.fold_batchnorm import FoldBatchNormPass
+    from intq.passes.fold_repvgg import FoldRepVGGPass
     from intq.passes.quantize import QuantizePass
     from intq.passes.repq_reparam import RepQLayerNormPass
 
@@ -99,6 +101,7 @@ def compile(  # noqa: A001 - the public verb
     check_target(target)
     float_model = canonicalize(infer_shapes(to_onnx(model, example_inputs, opset=cfg.opset))).model
     float_model = FoldBatchNormPass().run(float_model).model
+    float_model = FoldRepVGGPass().run(float_model).model
     if cfg.reparam == "repq":
         calibration = list(calibration)  # read twice: per-channel ranges, then calibration
         names = RepQLayerNormPass.candidates(float_model)

@@ -57,7 +57,7 @@ MOVEMENT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Iden
 # a rule is `fn(qp: QuantizePass, node: onnx.NodeProto) -> None` and sets qp.q[output].
 QuantRule = Callable[["QuantizePass", onnx.NodeProto], None]
 _RULES: dict[str, QuantRule] = {}
-RULE_MODULES: tuple[str, ...] = ("intq.passes.quantize_bert",)
+RULE_MODULES: tuple[str, ...] = ("intq.passes.quantize_bert", "intq.passes.quantize_cnn")
 # Prescans run once per graph before the rules: `fn(qp, graph)`; they may mark nodes fused
 # (qp.fused) and register anchors (qp.anchors: node name -> rule) for multi-node patterns.
 _PRESCANS: list[Callable[[QuantizePass, onnx.GraphProto], None]] = []

@@ -229,3 +229,78 @@ def test_torch_unoptimized_export_is_folded(torch_model) -> None:
     assert ops(res.model) == ["Conv", "Relu", "Conv"]
     (out,) = run_ort(res.model, {res.model.graph.input[0].name: x.numpy()})
     np.testing.assert_allclose(out, ref, rtol=TOL, atol=TOL)
+
+
+# ------------------------------------------------------------------ linear layers (BN1d)
+def linear_bn_model(kind: str, outputs: tuple[str, ...] = ("y",), extra=()) -> onnx.ModelProto:
+    k, m = 5, 7
+    inits = {"W": RNG.standard_normal((k, m)).astype(F32), **bn_params(m)}
+    if kind == "matmul":
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["t"], name="mm")]
+    elif kind == "matmul_add":
+        inits["b"] = RNG.standard_normal(m).astype(F32)
+        nodes = [
+            helper.make_node("MatMul", ["x", "W"], ["u"], name="mm"),
+            helper.make_node("Add", ["b", "u"], ["t"], name="bias"),  # bias first: either order
+        ]
+    else:  # gemm, transB=1
+        inits["W"] = np.ascontiguousarray(inits["W"].T)
+        inits["b"] = RNG.standard_normal(m).astype(F32)
+        nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["t"], name="gemm", transB=1)]
+    nodes += [bn("t", "y"), *extra]
+    return make_model(nodes, {"x": [3, k]}, list(outputs), inits)
+
+
+@pytest.mark.parametrize(
+    ("kind", "after"),
+    [("matmul", ["MatMul", "Add"]), ("matmul_add", ["MatMul", "Add"]), ("gemm", ["Gemm"])],
+)
+def test_fold_linear_bn(kind: str, after: list[str]) -> None:
+    m = linear_bn_model(kind)
+    assert ops(m)[-1] == "BatchNormalization"
+    res = apply(m, {"x": RNG.standard_normal((3, 5)).astype(F32)})
+    assert res.modified and not res.skipped, res.skipped
+    assert ops(res.model) == after
+    assert res.model.graph.node[-1].output[0] == "y"
+
+
+def test_not_linear_when_rank_is_not_2() -> None:
+    """BN over axis 1 of [N, L, M] is not the linear layer's feature axis: no fold."""
+    inits = {"W": RNG.standard_normal((5, 4)).astype(F32), **bn_params(3)}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["t"], name="mm"), bn("t", "y")]
+    m = make_model(nodes, {"x": [2, 3, 5]}, ["y"], inits)
+    assert_unchanged(m, "has rank 3", {"x": RNG.standard_normal((2, 3, 5)).astype(F32)})
+
+
+def test_not_linear_when_matmul_output_has_other_readers() -> None:
+    relu = helper.make_node("Relu", ["u"], ["r"], name="relu")
+    m = linear_bn_model("matmul_add", outputs=("y", "r"), extra=[relu])
+    assert_unchanged(m, "other readers", {"x": RNG.standard_normal((3, 5)).astype(F32)})
+
+
+def test_torch_linear_bn1d_unoptimized_export_is_folded() -> None:
+    """nn.Linear -> BatchNorm1d (trained statistics) exported without the exporter's optimizer:
+    the BN is in the graph, the pass folds it, outputs match torch to 1e-5 relative."""
+    import torch
+
+    from intq.frontend import canonicalize, infer_shapes, to_onnx
+
+    nn = torch.nn
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model.train()
+    with torch.no_grad():  # real running statistics from a few train-mode batches
+        for _ in range(5):
+            model(torch.randn(16, 6) * 3 + 1)
+    model.eval()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        ref = model(x).numpy()
+        program = torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False)
+    proto = canonicalize(infer_shapes(to_onnx(program.model_proto, (x,)))).model
+    assert "BatchNormalization" in ops(proto)
+    res = FoldBatchNormPass()(proto)
+    assert res.modified and not res.skipped, res.skipped
+    assert "BatchNormalization" not in ops(res.model)
+    (out,) = run_ort(res.model, {res.model.graph.input[0].name: x.numpy()})
+    assert np.abs(out - ref).max() <= TOL * np.abs(ref).max()
