@@ -121,7 +121,11 @@ def build(integer_onnx: onnx.ModelProto, target: str, config: CompileConfig) -> 
         mod = kernels.schedule(mod)
     mod = add_signature(mod, sig)
     pipeline = spec.pipeline(tvm_target) if spec.pipeline else None
-    lowered = compat.lower(mod, tvm_target, pipeline)
+    # cuda-int8 with extra={"cuda_graph": True}: Relax captures the VM's kernel sequence in a CUDA
+    # graph on the first run and replays it afterwards (RewriteCUDAGraph in the pipeline).
+    graph = spec.device == "cuda" and bool(config.extra.get("cuda_graph", False))
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True} if graph else {}):
+        lowered = compat.lower(mod, tvm_target, pipeline)
     floats = compat.find_float_in_tir(lowered)
     if floats:
         raise IntegerOnlyViolation("float found in lowered TIR: " + "; ".join(floats[:5]))

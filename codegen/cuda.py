@@ -34,7 +34,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
-from intq.codegen import compat, cpu, te_ops
+from intq.codegen import compat, cpu, cuda_intrin, te_ops  # noqa: F401 (int32 WMMA fill)
 from intq.errors import LoweringError
 
 #: Pass-config key turning on Relax's CUDA-graph capture of the VM's kernel sequence.

@@ -80,9 +80,9 @@ def load(
 ) -> Executor:
     """Load an exported artifact (.so) and return an Executor with `run` and `dequantize`.
 
-    device: "cpu" or "cuda"; None picks the artifact's own (cuda for a cuda-int8 build, whose
-    kernels are precompiled fatbins: no CUDA compiler is needed, only the driver). Inputs and
-    outputs are host numpy arrays either way."""
+    device: "cpu" or "cuda"; None picks the artifact's own (cuda for a cuda-int8 build; its
+    kernels are CUDA C compiled by nvcc for the visible GPU when the artifact loads, a few
+    seconds). Inputs and outputs are host numpy arrays either way."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ArtifactError(f"no artifact at {path!r}")
@@ -90,7 +90,13 @@ def load(
 
     from intq.codegen import compat
 
-    compat.load_cuda_runtime()  # a runtime-only process registers CUDA only on request
+    if compat.load_cuda_runtime():  # a runtime-only process registers CUDA only on request
+        import shutil
+
+        # TVM 0.27 serialises CUDA kernels as CUDA C and compiles them when the module loads,
+        # through `tvm_callback_cuda_compile`; without the compiler library that needs nvcc.
+        if shutil.which("nvcc") and not compat.compiler_loaded():
+            compat.install_cuda_jit_nvcc()
     try:
         lib = compat.load_executable(path)
     except Exception as e:  # noqa: BLE001
