@@ -17,8 +17,9 @@ integer nonlinearities (LayerNorm, Softmax, GELU, Add) are TE kernels that dligh
 row reductions / elementwise kernels. Every PrimFunc gets a GPU schedule (dlight's Fallback rule
 catches the rest); the arithmetic is the reference's, and tests compare bit for bit.
 
-The CUDA C that TVM generates is compiled ahead of time by `nvcc` into a fatbin
-(`install_cuda_precompile`), so the exported .so loads on a machine without a CUDA compiler.
+The CUDA C that TVM generates is compiled by `nvcc` at build (`install_cuda_precompile`), which
+catches compile errors early; the exported .so still stores the CUDA C (TVM 0.27's compiler-side
+module serialises source), and the GPU machine compiles it again when it loads the artifact.
 """
 
 from __future__ import annotations
@@ -282,9 +283,9 @@ def install_cuda_precompile(arch: str) -> None:
 
     TVM's CUDA codegen (``target.build.cuda``) hands the generated CUDA C to the Python callback
     ``tvm_callback_cuda_compile`` when one is registered and stores what it returns (here a fatbin)
-    in the device module; the stock callback needs ``Target.current`` and defaults to NVRTC. This
-    one compiles with nvcc for ``arch`` and records the source in `GENERATED_SOURCES` for the
-    float check. The exported .so then loads without a CUDA compiler.
+    in memory; the stock callback needs ``Target.current`` and defaults to NVRTC. This one
+    compiles with nvcc for ``arch`` and records the source in `GENERATED_SOURCES`. The serialised
+    module keeps the CUDA C (see TVM-NOTES section 9), so loading still compiles.
     """
     import tvm_ffi
 
