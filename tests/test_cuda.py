@@ -67,8 +67,8 @@ def test_cuda_compiles_integer_only(tiny_cuda, tmp_path):
     assert compat.has_cuda_module(build.executable)
     assert "intq_signature" in build.executable.as_text()
     sig = tiny_cuda.signature
-    assert sig.batch == 3 and sig.inputs[0].shape == [3, 1, 8, 8]
-    assert sig.outputs[0].qdtype == "int32" and sig.outputs[0].shape == [3, 10]
+    assert sig.batch == 3 and tuple(sig.inputs[0].shape) == (3, 1, 8, 8)
+    assert sig.outputs[0].qdtype == "int32" and tuple(sig.outputs[0].shape) == (3, 10)
     path = tiny_cuda.export(tmp_path / "tiny_cuda.so")
     assert os.path.getsize(path) > 0
     with open(path, "rb") as f:
