@@ -32,12 +32,31 @@ class TargetSpec:
     kernels: Callable[[Any], Any] | None  # target -> kernel library, or None for plain TE
     device: str  # "cpu" or "cuda"
     capabilities: frozenset[str]
+    # target -> Relax pipeline (None: compat.lower's default for the target kind)
+    pipeline: Callable[[Any], Any] | None = None
 
 
 def _cpu_kernels(target: Any) -> Any:
     from intq.codegen.cpu import CpuKernels
 
     return CpuKernels(target)
+
+
+def _cuda_kernels(target: Any) -> Any:
+    from intq.codegen.cuda import CudaKernels
+
+    return CudaKernels(target)
+
+
+def _cuda_pipeline(target: Any) -> Any:
+    from intq.codegen.cuda import cuda_pipeline
+
+    return cuda_pipeline(target)
+
+
+def _cuda_target(cfg: CompileConfig) -> Any:
+    """CUDA target for `cfg.extra["cuda_arch"]` (default sm_90, the H100/H200)."""
+    return compat.cuda_target(str(cfg.extra.get("cuda_arch", "sm_90")))
 
 
 TARGETS: dict[str, TargetSpec] = {
@@ -47,6 +66,14 @@ TARGETS: dict[str, TargetSpec] = {
         _cpu_kernels,
         "cpu",
         frozenset({"int8-gemm", "export"}),
+    ),
+    "cuda-int8": TargetSpec(
+        "cuda-int8",
+        _cuda_target,
+        _cuda_kernels,
+        "cuda",
+        frozenset({"int8-gemm", "int8-tensor-core", "export"}),
+        _cuda_pipeline,
     ),
 }
 
@@ -67,6 +94,7 @@ class Build:
     spec: TargetSpec
     config: CompileConfig
     tir_floats: list[str]
+    device_source: str = ""  # generated device code (CUDA C), "" on CPU
 
     def executor(self) -> Executor:
         dev = tvm.cpu() if self.spec.device == "cpu" else tvm.cuda()
@@ -82,15 +110,33 @@ def build(integer_onnx: onnx.ModelProto, target: str, config: CompileConfig) -> 
     if spec is None:
         raise LoweringError(f"target {target!r} is not implemented yet (have {sorted(TARGETS)})")
     tvm_target = spec.make_target(config)
+    if spec.device == "cuda":
+        from intq.codegen.cuda import install_cuda_precompile
+
+        install_cuda_precompile(str(tvm_target.attrs["arch"]))
     sig = load_signature(integer_onnx)
     kernels = spec.kernels(tvm_target) if spec.kernels else None
     mod = to_relax(integer_onnx, kernels)
     if kernels is not None:
         mod = kernels.schedule(mod)
     mod = add_signature(mod, sig)
-    lowered = compat.lower(mod, tvm_target)
+    pipeline = spec.pipeline(tvm_target) if spec.pipeline else None
+    # cuda-int8 with extra={"cuda_graph": True}: Relax captures the VM's kernel sequence in a CUDA
+    # graph on the first run and replays it afterwards (RewriteCUDAGraph in the pipeline).
+    graph = spec.device == "cuda" and bool(config.extra.get("cuda_graph", False))
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True} if graph else {}):
+        lowered = compat.lower(mod, tvm_target, pipeline)
     floats = compat.find_float_in_tir(lowered)
     if floats:
         raise IntegerOnlyViolation("float found in lowered TIR: " + "; ".join(floats[:5]))
     ex = compat.build(lowered, tvm_target, lowered=True)  # the scanned module is what we build
-    return Build(sig, ex, spec, config, floats)
+    device_source = compat.device_source(ex)
+    if spec.device == "cuda":
+        from intq.codegen.cuda import find_float_in_cuda
+
+        cuda_floats = find_float_in_cuda(device_source)
+        if cuda_floats:
+            raise IntegerOnlyViolation(
+                "float found in generated CUDA source: " + "; ".join(cuda_floats[:5])
+            )
+    return Build(sig, ex, spec, config, floats, device_source)

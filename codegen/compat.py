@@ -222,13 +222,15 @@ def mark_scheduled(func: PrimFunc) -> PrimFunc:
     return func.with_attr("tirx.is_scheduled", True)
 
 
-def lower(mod: IRModule, target: Target) -> IRModule:
+def lower(mod: IRModule, target: Target, pipeline: Any = None) -> IRModule:
     """The module exactly as ``tvm.compile`` hands it to codegen: the Relax pipeline that
     :func:`build` would run (``"default"``: LegalizeOps + VM lowering on CPU; the target's own
     pipeline, with dlight, on GPU). Use it to inspect / :func:`find_float_in_tir` the kernels."""
     from tvm import relax  # compiler-only
 
-    if "gpu" in target.keys:
+    if pipeline is not None:
+        pass
+    elif "gpu" in target.keys:
         pipeline = relax.get_default_pipeline(target)
     else:
         pipeline = relax.get_pipeline("default")
@@ -484,3 +486,29 @@ def find_float_in_tir(mod: IRModule, include_relax: bool = False) -> list[str]:
 
         tvm_ffi.structural_walk(func, visit)
     return sorted(found)
+
+
+def _module_tree(mod: Any) -> Iterator[Any]:
+    yield mod
+    for sub in getattr(mod, "imports", ()):
+        yield from _module_tree(sub)
+
+
+def device_source(executable: Any) -> str:
+    """Generated device code (CUDA C) of every CUDA module in a built executable, concatenated;
+    "" when there is none (CPU builds)."""
+    root = getattr(executable, "mod", executable)
+    parts = []
+    for m in _module_tree(root):
+        if str(getattr(m, "kind", "")) == "cuda":
+            try:
+                parts.append(str(m.inspect_source("cuda")))
+            except Exception:  # noqa: BLE001 - a module without kept source
+                parts.append(str(m.inspect_source()))
+    return "\n".join(parts)
+
+
+def has_cuda_module(module: Any) -> bool:
+    """True if a built executable or loaded artifact contains a CUDA device module."""
+    root = getattr(module, "mod", module)
+    return any(str(getattr(m, "kind", "")) == "cuda" for m in _module_tree(root))

@@ -44,7 +44,15 @@ class CompiledModel:
         self.config = config
         self._build = build
         self.signature: boundary.Signature = build.signature
-        self._executor = build.executor()
+        self._executor_instance: Any = None
+
+    @property
+    def _executor(self) -> Any:
+        """The in-process executor, made on first use (a cuda-int8 model compiles on a machine
+        without a GPU; only running it needs one)."""
+        if self._executor_instance is None:
+            self._executor_instance = self._build.executor()
+        return self._executor_instance
 
     @property
     def output_scales(self) -> list[float | list[float] | None]:

@@ -68,8 +68,21 @@ def read_signature(vm: Any) -> boundary.Signature:
         raise ArtifactError(f"artifact signature is unreadable: {e}") from e
 
 
-def load(path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None) -> Executor:
-    """Load an exported artifact (.so) and return an Executor with `run` and `dequantize`."""
+def artifact_device(lib: Any) -> str:
+    """ "cuda" when the loaded artifact holds CUDA kernels (a cuda-int8 build), else "cpu"."""
+    from intq.codegen import compat
+
+    return "cuda" if compat.has_cuda_module(lib) else "cpu"
+
+
+def load(
+    path: str | os.PathLike[str], device: str | None = None, threads: int | None = None
+) -> Executor:
+    """Load an exported artifact (.so) and return an Executor with `run` and `dequantize`.
+
+    device: "cpu" or "cuda"; None picks the artifact's own (cuda for a cuda-int8 build; its
+    kernels are CUDA C compiled by nvcc for the visible GPU when the artifact loads, a few
+    seconds). Inputs and outputs are host numpy arrays either way."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ArtifactError(f"no artifact at {path!r}")
@@ -77,10 +90,22 @@ def load(path: str | os.PathLike[str], device: str = "cpu", threads: int | None 
 
     from intq.codegen import compat
 
+    if compat.load_cuda_runtime():  # a runtime-only process registers CUDA only on request
+        import shutil
+
+        # TVM 0.27 serialises CUDA kernels as CUDA C and compiles them when the module loads,
+        # through `tvm_callback_cuda_compile`; without the compiler library that needs nvcc.
+        if shutil.which("nvcc") and not compat.compiler_loaded():
+            compat.install_cuda_jit_nvcc()
     try:
         lib = compat.load_executable(path)
     except Exception as e:  # noqa: BLE001
         raise ArtifactError(f"cannot load {path!r} as a TVM module: {e}") from e
-    dev = tvm.cpu() if device == "cpu" else tvm.cuda()
+    device = device or artifact_device(lib)
+    if device not in ("cpu", "cuda"):
+        raise ArtifactError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not tvm.cuda(0).exist:
+        raise ArtifactError(f"{path!r} is a CUDA artifact but no CUDA GPU is visible")
+    dev = tvm.cpu() if device == "cpu" else tvm.cuda(0)
     vm = compat.virtual_machine(lib, dev)
     return Executor(vm, read_signature(vm), dev, threads)
