@@ -43,7 +43,7 @@ def _cpu_kernels(target: Any) -> Any:
 TARGETS: dict[str, TargetSpec] = {
     "cpu-int8": TargetSpec(
         "cpu-int8",
-        lambda cfg: compat.cpu_target(host=True),
+        lambda cfg: compat.cpu_target(host=True, mcpu=cfg.cpu_mcpu),
         _cpu_kernels,
         "cpu",
         frozenset({"int8-gemm", "export"}),

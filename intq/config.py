@@ -22,6 +22,8 @@ class CompileConfig:
     layernorm_frac_bits: fraction bits k of the normalised value inside IntLayerNorm.
     softmax_frac_bits / gelu_frac_bits: fraction bits F of the base-2 exponent fed to exp2_neg.
     num_threads: runtime threads (None: all cores of the machine running the artifact).
+    cpu_mcpu: LLVM CPU name cpu-int8 compiles for, e.g. "cascadelake" (VNNI kernels) to build on
+        one machine for another; None: the host CPU.
     """
 
     calibration: Literal["minmax", "percentile"] = "percentile"
@@ -32,6 +34,7 @@ class CompileConfig:
     gelu_frac_bits: int = 12
     num_threads: int | None = None
     opset: int = 18
+    cpu_mcpu: str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,6 +56,10 @@ class CompileConfig:
             raise ConfigError(
                 f"num_threads must be a positive int or None, got {self.num_threads!r}"
             )
+        if self.cpu_mcpu is not None and (
+            not isinstance(self.cpu_mcpu, str) or not self.cpu_mcpu.strip()
+        ):
+            raise ConfigError(f"cpu_mcpu must be an LLVM CPU name or None, got {self.cpu_mcpu!r}")
         if self.opset < 17:
             raise ConfigError("opset must be >= 17 (LayerNormalization)")
 
