@@ -342,7 +342,7 @@ def run_local(args) -> None:
             }
             ref = reference_output(lib, x) if args.check else None
             tag = f"{args.model}_b{batch}"
-            run_case(tag, meta, x, lambda: lib.run(x), ref, lib.float_onnx, args, so)
+            run_case(tag, meta, x, lambda lib=lib, x=x: lib.run(x), ref, lib.float_onnx, args, so)
 
 
 def main() -> None:

@@ -121,14 +121,13 @@ def host_llvm_cpu() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
-def cpu_target(
-    host: bool = True, num_cores: int | None = None, mcpu: str | None = None
-) -> Target:
+def cpu_target(host: bool = True, num_cores: int | None = None, mcpu: str | None = None) -> Target:
     """An LLVM CPU target.
 
     host=True: ``mcpu`` = the host CPU as LLVM detects it, with any feature the kernel does not
     report (``/proc/cpuinfo``) disabled through ``mattr``; the binary then needs a CPU at least
-    as capable. mcpu: an explicit LLVM CPU name instead (overrides host). host=False: portable x86-64-v2 (SSE4.2, no AVX), runs on any recent x86.
+    as capable. mcpu: an explicit LLVM CPU name instead (overrides host).
+    host=False: portable x86-64-v2 (SSE4.2, no AVX), runs on any recent x86.
     num_cores feeds the target's ``num-cores`` (schedules may read it); default: CPUs this process
     may run on. It does not set the runtime thread count: see :func:`set_num_threads`.
     """

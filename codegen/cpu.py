@@ -196,7 +196,6 @@ def dense_te(x, w, bias, *, k: int, n: int, mr: int):
     kp, np_ = kh * kg, nb * nl
     vnni = kg == 4  # the bias then already holds -128 * colsum(W) (see CpuKernels._gemm)
     mp = (m + mr - 1) // mr * mr
-    zero = tirx.const(0, "int8")
 
     def widen(i, kk):
         v = _activation_operand(x[tirx.min(i, m - 1), kk], True, vnni)
@@ -277,9 +276,7 @@ def bmm_te(a, bm, *, transpose_b: bool, mr: int, nl: int, nt: int, kg: int = 2):
         ),
         name="comp",
     )
-    return te.compute(
-        (g, m, n), lambda gg, i, j: acc[gg, i, j] - comp[gg, j] * VNNI_FLIP, name="y"
-    )
+    return te.compute((g, m, n), lambda gg, i, j: acc[gg, i, j] - comp[gg, j] * VNNI_FLIP, name="y")
 
 
 def _vectorize_if_static(sch: Schedule, loop) -> None:
@@ -472,9 +469,7 @@ class CpuKernels:
         if kg == 4 and ctx.dtypes[node.input[1]] != "int8":  # vpdpbusd needs a signed right side
             kg, attrs = 2, {**attrs, "intq.isa": "avx512"}
         y = ctx.bb.emit_te(
-            lambda x, y: bmm_te(
-                x, y, transpose_b=False, mr=self.mr, nl=self.nl, nt=self.nt, kg=kg
-            ),
+            lambda x, y: bmm_te(x, y, transpose_b=False, mr=self.mr, nl=self.nl, nt=self.nt, kg=kg),
             a3,
             b3,
             primfunc_name_hint="int8_bmm",
