@@ -1,79 +1,378 @@
-"""intq cpu-int8 vs ONNX Runtime FP32 vs PyTorch FP32, same process, same threads, interleaved.
+"""intq cpu-int8 vs ONNX Runtime (FP32, best INT8) vs PyTorch FP32: one process, same threads,
+contenders interleaved for --rounds rounds, medians and ratios (peer median / intq median).
 
-    python benchmarks/cpu.py --model deit_tiny --batch 1 --rounds 10
+    python benchmarks/cpu.py --model deit_tiny --batch 1 --rounds 10          # all here
+    python benchmarks/cpu.py --prepare DIR --model deit_small --batch 1 8 --mcpu cascadelake
+    taskset -c 0,1 python3 benchmarks/cpu.py --run DIR --threads 2             # on the device
 
-Prints per-contender medians (ms) and ratios against intq. Random weights, calibration on
-random data (speed does not depend on the values).
+ORT INT8 is timed in both recipes (static QDQ, per-channel s8 weights, u8 activations, through
+onnxruntime.quantization.quantize_static; and quantize_dynamic) and the faster one is reported
+as "ORT best INT8". Also printed: intq compile time, artifact size and the peak resident memory
+of one run of each contender in a fresh subprocess (VmHWM, else ru_maxrss).
+
+Split mode (the device has ONNX Runtime and PyTorch but no TVM): --prepare compiles here (any
+--mcpu: e.g. cascadelake for the VNNI kernels) and writes per case the exported .so, the input,
+the reference interpreter's output and the float ONNX with its large float weights stripped
+(ORT's speed does not depend on their values: --run refills them with seeded random numbers,
+keeping the files small enough to carry). --run times everything there and checks that the .so
+reproduces the reference output bit for bit. Random weights; calibration on random data.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
-import onnxruntime as ort
-import torch
 
-import intq
-from intq.models import vit
-
-MODELS = {
-    "deit_tiny": (lambda: vit.deit_tiny(), (3, 224, 224)),
-    "deit_small": (lambda: vit.deit_small(), (3, 224, 224)),
-    "vit_digits": (lambda: vit.vit_digits(), (1, 8, 8)),
+# name -> (module:function building the float torch model, input shape without batch).
+# Models of other families are added here (e.g. "minilm", "resnet18").
+MODELS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "deit_tiny": ("vit:deit_tiny", (3, 224, 224)),
+    "deit_small": ("vit:deit_small", (3, 224, 224)),
+    "vit_digits": ("vit:vit_digits", (1, 8, 8)),
 }
+STRIP_MIN_ELEMENTS = 1024  # float initializers at least this large are stripped / refilled
 
 
-def timed(fn) -> float:
+def make_torch_model(name: str):
+    import importlib
+
+    import torch
+
+    mod_name, fn = MODELS[name][0].split(":")
+    try:
+        mod = importlib.import_module(f"intq.models.{mod_name}")
+    except ImportError:  # device: the model file is carried next to this script
+        mod = importlib.import_module(mod_name)
+    torch.manual_seed(0)
+    return getattr(mod, fn)().eval()
+
+
+def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1e3
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", choices=sorted(MODELS), default="deit_tiny")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--inner", type=int, default=3, help="calls per contender per round")
-    args = ap.parse_args()
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    make, shape = MODELS[args.model]
-    model = make().eval()
-    x = torch.randn(args.batch, *shape)
-    t = time.perf_counter()
-    lib = intq.compile(model, x, calibration=[torch.randn(args.batch, *shape) for _ in range(2)])
-    compile_s = time.perf_counter() - t
-    xn = x.numpy()
+# ------------------------------------------------------------------------------ ONNX Runtime
+
+
+def strip_weights(model):
+    """Copy of `model` whose large float initializers keep only dims and dtype."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and int(np.prod(init.dims)) >= (
+            STRIP_MIN_ELEMENTS
+        ):
+            init.ClearField("raw_data")
+            init.ClearField("float_data")
+            init.doc_string = "intq-stripped"
+    return out
+
+
+def refill_weights(model, seed: int = 0):
+    """Inverse of strip_weights with random N(0, 0.02) values (speed does not depend on them)."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    for init in model.graph.initializer:
+        if init.doc_string == "intq-stripped":
+            v = (rng.standard_normal(tuple(init.dims)) * 0.02).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(v, init.name))
+    return model
+
+
+def ort_sessions(float_onnx, x: np.ndarray, threads: int, workdir: str) -> dict[str, Callable]:
+    """FP32, INT8 static (QDQ, per-channel, u8 activations) and INT8 dynamic sessions."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(
-        lib.float_onnx.SerializeToString(), so, providers=["CPUExecutionProvider"]
+    so.inter_op_num_threads = 1
+    fp32 = os.path.join(workdir, "fp32.onnx")
+    onnx.save(float_onnx, fp32)
+    in_name = float_onnx.graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(1)
+            self.batches = iter(
+                [{in_name: rng.standard_normal(x.shape).astype(np.float32)} for _ in range(2)]
+            )
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    st = os.path.join(workdir, "int8_static.onnx")
+    quantize_static(
+        fp32,
+        st,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
     )
-    feed = {sess.get_inputs()[0].name: xn}
-    contenders = {
-        "intq cpu-int8": lambda: lib.run(xn),
-        "ONNX Runtime FP32": lambda: sess.run(None, feed),
-        "PyTorch FP32": lambda: torch.inference_mode()(model)(x),
-    }
+    dy = os.path.join(workdir, "int8_dynamic.onnx")
+    quantize_dynamic(fp32, dy, weight_type=QuantType.QInt8)
+    feed = {in_name: x}
+    out = {}
+    for label, path in (("ORT FP32", fp32), ("ORT INT8 static", st), ("ORT INT8 dynamic", dy)):
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        out[label] = lambda s=sess: s.run(None, feed)
+    return out
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def interleave(contenders: dict[str, Callable], rounds: int, inner: int) -> dict[str, float]:
     for fn in contenders.values():  # warm up
         fn()
     samples: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, fn in contenders.items():
-            samples[name] += [timed(fn) for _ in range(args.inner)]
-    med = {k: float(np.median(v)) for k, v in samples.items()}
-    print(
-        f"{args.model} batch {args.batch}, {threads} threads, {args.rounds} rounds x "
-        f"{args.inner}; intq compile {compile_s:.1f} s"
+            samples[name] += [timed(fn) for _ in range(inner)]
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def report(title: str, med: dict[str, float], extra: dict[str, str]) -> dict:
+    int8 = {k: v for k, v in med.items() if k.startswith("ORT INT8")}
+    best = min(int8, key=int8.get) if int8 else None
+    rows = dict(med)
+    if best:
+        rows[f"ORT best INT8 ({best.split()[-1]})"] = med[best]
+    print(title)
+    print(f"{'contender':28s} {'median ms':>10s} {'peer/intq':>9s}  {'peak RSS MiB':>12s}")
+    for name, m in rows.items():
+        print(f"{name:28s} {m:10.2f} {m / med['intq']:8.2f}x  {extra.get(name, ''):>12s}")
+    return {"medians_ms": med, "best_int8": best}
+
+
+def peak_rss_mib(argv: list[str]) -> str:
+    """Peak RSS of one run in a fresh subprocess (this script's --rss-child mode)."""
+    r = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--rss-child", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    print(f"{'contender':22s} {'median ms':>10s} {'vs intq':>8s}")
-    for name, m in med.items():
-        print(f"{name:22s} {m:10.2f} {m / med['intq cpu-int8']:7.2f}x")
+    lines = r.stdout.strip().splitlines()
+    return lines[-1] if r.returncode == 0 and lines else f"err{r.returncode}"
+
+
+def rss_child(argv: list[str]) -> None:
+    kind, path, xpath, threads = argv[0], argv[1], argv[2], int(argv[3])
+    x = np.load(xpath)
+    if kind == "intq":
+        from intq import runtime
+
+        runtime.load(path, threads=threads).run(x)
+    elif kind == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            make_torch_model(path)(torch.from_numpy(x))
+    else:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        sess.run(None, {sess.get_inputs()[0].name: x})
+    # VmHWM: the peak of this process's own address space (ru_maxrss can carry the parent's
+    # peak over fork + exec)
+    try:
+        with open("/proc/self/status") as f:
+            hwm_kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        hwm_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"{hwm_kb / 1024:.0f}")
+
+
+# ------------------------------------------------------------------------------ modes
+
+
+def compile_case(name: str, batch: int, mcpu: str | None):
+    import torch
+
+    import intq
+    from intq.config import CompileConfig
+
+    model = make_torch_model(name)
+    shape = MODELS[name][1]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, *shape, generator=g)
+    cal = [torch.randn(batch, *shape, generator=g) for _ in range(2)]
+    t = time.perf_counter()
+    lib = intq.compile(model, x, calibration=cal, config=CompileConfig(cpu_mcpu=mcpu))
+    return model, x.numpy(), lib, time.perf_counter() - t
+
+
+def reference_output(lib, x: np.ndarray) -> np.ndarray:
+    from intq import boundary
+    from intq.reference import ReferenceInterpreter
+
+    q = boundary.quantize_inputs(lib.signature.inputs, [x])
+    feeds = {s.name: a for s, a in zip(lib.signature.inputs, q, strict=True)}
+    outs = ReferenceInterpreter(lib.integer_onnx).run(feeds)
+    return outs[lib.integer_onnx.graph.output[0].name]
+
+
+def prepare(args) -> None:
+    import onnx
+
+    os.makedirs(args.prepare, exist_ok=True)
+    meta = {}
+    for batch in args.batch:
+        tag = f"{args.model}_b{batch}"
+        _, x, lib, compile_s = compile_case(args.model, batch, args.mcpu)
+        so = os.path.join(args.prepare, f"{tag}.so")
+        lib.export(so)
+        np.save(os.path.join(args.prepare, f"{tag}_x.npy"), x)
+        np.save(os.path.join(args.prepare, f"{tag}_ref.npy"), reference_output(lib, x))
+        onnx.save(strip_weights(lib.float_onnx), os.path.join(args.prepare, f"{tag}.onnx"))
+        meta[tag] = {
+            "model": args.model,
+            "batch": batch,
+            "compile_s": round(compile_s, 1),
+            "artifact_bytes": os.path.getsize(so),
+            "mcpu": args.mcpu or "host",
+        }
+        print(f"{tag}: compile {compile_s:.1f} s, artifact {os.path.getsize(so) / 2**20:.1f} MiB")
+    mpath = os.path.join(args.prepare, "meta.json")
+    old = json.load(open(mpath)) if os.path.exists(mpath) else {}
+    old.update(meta)
+    with open(mpath + ".tmp", "w") as f:
+        json.dump(old, f, indent=1)
+    os.replace(mpath + ".tmp", mpath)
+
+
+def run_case(tag, meta, x, intq_fn, ref, float_onnx, args, so_path) -> dict:
+    import torch
+
+    name = meta["model"]
+    model = make_torch_model(name)
+    xt = torch.from_numpy(x)
+    with tempfile.TemporaryDirectory() as wd:
+        ort_fns = ort_sessions(float_onnx, x, args.threads, wd)
+        contenders = {"intq": intq_fn, **ort_fns}
+        contenders["PyTorch FP32"] = lambda: torch.inference_mode()(model)(xt)
+        exact = ref is None or np.array_equal(intq_fn(), ref)
+        med = interleave(contenders, args.rounds, args.inner)
+        rss = {}
+        xp = os.path.join(wd, "x.npy")
+        np.save(xp, x)
+        if not args.no_rss:
+            rss["intq"] = peak_rss_mib(["intq", so_path, xp, str(args.threads)])
+            for label, fname in (
+                ("ORT FP32", "fp32.onnx"),
+                ("ORT INT8 static", "int8_static.onnx"),
+                ("ORT INT8 dynamic", "int8_dynamic.onnx"),
+            ):
+                rss[label] = peak_rss_mib(["ort", os.path.join(wd, fname), xp, str(args.threads)])
+            rss["PyTorch FP32"] = peak_rss_mib(["torch", name, xp, str(args.threads)])
+    title = (
+        f"\n{tag}: {args.threads} threads, {args.rounds} rounds x {args.inner}; intq compile "
+        f"{meta.get('compile_s', '?')} s (mcpu {meta.get('mcpu', 'host')}), artifact "
+        f"{meta.get('artifact_bytes', 0) / 2**20:.1f} MiB; bit-exact vs reference: {exact}"
+    )
+    out = report(title, med, rss)
+    out.update(meta, bit_exact=bool(exact), peak_rss_mib=rss)
+    return out
+
+
+def run_prepared(args) -> None:
+    import onnx
+
+    from intq import runtime
+
+    sys.path.insert(0, args.run)  # the carried model file (vit.py), also for --rss-child
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [args.run, os.environ.get("PYTHONPATH")])
+    )
+    meta_all = json.load(open(os.path.join(args.run, "meta.json")))
+    results = {}
+    for tag, meta in meta_all.items():
+        if args.only and tag not in args.only:
+            continue
+        so = os.path.join(args.run, f"{tag}.so")
+        x = np.load(os.path.join(args.run, f"{tag}_x.npy"))
+        ref = np.load(os.path.join(args.run, f"{tag}_ref.npy"))
+        ex = runtime.load(so, threads=args.threads)
+        fo = refill_weights(onnx.load(os.path.join(args.run, f"{tag}.onnx")))
+        results[tag] = run_case(tag, meta, x, lambda e=ex, x=x: e.run(x), ref, fo, args, so)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def run_local(args) -> None:
+    for batch in args.batch:
+        model, x, lib, compile_s = compile_case(args.model, batch, args.mcpu)
+        with tempfile.TemporaryDirectory() as wd:
+            so = os.path.join(wd, "m.so")
+            lib.export(so)
+            meta = {
+                "model": args.model,
+                "batch": batch,
+                "compile_s": round(compile_s, 1),
+                "artifact_bytes": os.path.getsize(so),
+                "mcpu": args.mcpu or "host",
+            }
+            ref = reference_output(lib, x) if args.check else None
+            tag = f"{args.model}_b{batch}"
+            run_case(tag, meta, x, lambda lib=lib, x=x: lib.run(x), ref, lib.float_onnx, args, so)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--rss-child":
+        return rss_child(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", choices=sorted(MODELS), default="deit_tiny")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--inner", type=int, default=3, help="calls per contender per round")
+    ap.add_argument("--threads", type=int, default=None, help="default: CPUs of this process")
+    ap.add_argument("--mcpu", default=None, help="LLVM CPU to compile for (default: host)")
+    ap.add_argument("--check", action="store_true", help="local: also compare to the reference")
+    ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--prepare", metavar="DIR", help="compile and write artifacts, no timing")
+    ap.add_argument("--run", metavar="DIR", help="time a --prepare'd DIR (no TVM compiler)")
+    ap.add_argument("--only", nargs="*", help="--run: only these cases (e.g. deit_small_b1)")
+    ap.add_argument("--json", help="--run: write the results here")
+    args = ap.parse_args()
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.prepare:
+        prepare(args)
+    elif args.run:
+        run_prepared(args)
+    else:
+        run_local(args)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def _cuda_target(cfg: CompileConfig) -> Any:
 TARGETS: dict[str, TargetSpec] = {
     "cpu-int8": TargetSpec(
         "cpu-int8",
-        lambda cfg: compat.cpu_target(host=True),
+        lambda cfg: compat.cpu_target(host=True, mcpu=cfg.cpu_mcpu),
         _cpu_kernels,
         "cpu",
         frozenset({"int8-gemm", "export"}),

@@ -121,12 +121,13 @@ def host_llvm_cpu() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
-def cpu_target(host: bool = True, num_cores: int | None = None) -> Target:
+def cpu_target(host: bool = True, num_cores: int | None = None, mcpu: str | None = None) -> Target:
     """An LLVM CPU target.
 
     host=True: ``mcpu`` = the host CPU as LLVM detects it, with any feature the kernel does not
     report (``/proc/cpuinfo``) disabled through ``mattr``; the binary then needs a CPU at least
-    as capable. host=False: portable x86-64-v2 (SSE4.2, no AVX), runs on any recent x86.
+    as capable. mcpu: an explicit LLVM CPU name instead (overrides host).
+    host=False: portable x86-64-v2 (SSE4.2, no AVX), runs on any recent x86.
     num_cores feeds the target's ``num-cores`` (schedules may read it); default: CPUs this process
     may run on. It does not set the runtime thread count: see :func:`set_num_threads`.
     """
@@ -135,7 +136,9 @@ def cpu_target(host: bool = True, num_cores: int | None = None) -> Target:
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         )
     cfg: dict[str, Any] = {"kind": "llvm", "num-cores": int(num_cores or 1)}
-    if host:
+    if mcpu is not None:  # an explicit CPU (cross-compiling): its full LLVM feature set
+        cfg["mcpu"] = mcpu
+    elif host:
         cfg["mcpu"] = host_llvm_cpu()
         flags = host_cpu_flags()
         if flags:

@@ -73,6 +73,50 @@ def _pmaddwd_intrin(lanes: int, llvm_intrin: str) -> tuple[tirx.PrimFunc, tirx.P
     return desc, impl
 
 
+def _vnni_intrin(lanes: int, llvm_intrin: str) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
+    """(description, implementation) of acc[0:lanes] += sum_{k<4} a_u8[k] * b_s8[0:lanes, k] as one
+    `vpdpbusd` (u8 x s8 quads -> s32, accumulated in place, no saturation: exact int32 sums).
+    LLVM 22 types the intrinsic (<lanes x i32>, <4*lanes x i8>, <4*lanes x i8>)."""
+    wide = 4 * lanes
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrin),
+                C.vload([0], f"int32x{lanes}"),
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes),
+                    dtype=f"int8x{wide}",
+                ),
+                B.vload([0, 0], dtype=f"int8x{wide}"),
+                dtype=f"int32x{lanes}",
+            )
+
+    return desc, impl
+
+
 INTRIN_AVX2 = "intq_pmaddwd_s16s8_x8_avx2"
 INTRIN_AVX512 = "intq_pmaddwd_s16s8_x16_avx512"
 TensorIntrin.register(INTRIN_AVX2, *_pmaddwd_intrin(8, "llvm.x86.avx2.pmadd.wd"), override=True)
@@ -80,17 +124,33 @@ TensorIntrin.register(
     INTRIN_AVX512, *_pmaddwd_intrin(16, "llvm.x86.avx512.pmaddw.d.512"), override=True
 )
 
+INTRIN_VNNI512 = "intq_vpdpbusd_u8s8_x16_avx512vnni"
+TensorIntrin.register(
+    INTRIN_VNNI512, *_vnni_intrin(16, "llvm.x86.avx512.vpdpbusd.512"), override=True
+)
+
 # ISA -> (intrinsic or None, vector lanes NL, row tile MR, column tile NT)
 ISA_PARAMS = {
+    "avx512vnni": (INTRIN_VNNI512, 16, 6, 32),
     "avx512": (INTRIN_AVX512, 16, 6, 32),
     "avx2": (INTRIN_AVX2, 8, 6, 16),
     "generic": (None, 8, 4, 16),
 }
 
 
+# ISA -> K group of the inner product (vpmaddwd: pairs; vpdpbusd: quads)
+KGROUP = {"avx512vnni": 4}
+
+#: VNNI multiplies u8 x s8: a signed activation x is fed as x + 128 (its sign bit flipped) and
+#: 128 * sum_k W[k, n] is subtracted again (folded into the bias for constant weights).
+VNNI_FLIP = 128
+
+
 def pick_isa(target: tvm.target.Target) -> str:
     """Kernel flavour for a CPU target, from the target's own features (mcpu + mattr)."""
     has = tvm.target.codegen.target_has_features
+    if has(["avx512f", "avx512bw", "avx512vnni"], target):
+        return "avx512vnni"
     if has(["avx512f", "avx512bw"], target):
         return "avx512"
     if has("avx2", target):
@@ -102,13 +162,24 @@ def _ceil(a, b):
     return (a + b - 1) // b * b
 
 
-def pack_weight(w_kn: np.ndarray, nl: int, nt: int) -> np.ndarray:
-    """int8 W[K, N] -> Wp[Np/nl, Kp/2, nl, 2] (zero padded: Kp even, Np multiple of nt)."""
+def pack_weight(w_kn: np.ndarray, nl: int, nt: int, kg: int = 2) -> np.ndarray:
+    """int8 W[K, N] -> Wp[Np/nl, Kp/kg, nl, kg] (zero padded: Kp multiple of kg, at least 2 kg so
+    the K loop never has extent 1 (the scheduler drops unit loops), Np multiple of nt)."""
     k, n = w_kn.shape
-    kp, np_ = _ceil(k, 2), _ceil(n, nt)
+    kp, np_ = max(_ceil(k, kg), 2 * kg), _ceil(n, nt)
     wpad = np.zeros((kp, np_), np.int8)
     wpad[:k, :n] = w_kn
-    return np.ascontiguousarray(wpad.reshape(kp // 2, 2, np_ // nl, nl).transpose(2, 0, 3, 1))
+    return np.ascontiguousarray(wpad.reshape(kp // kg, kg, np_ // nl, nl).transpose(2, 0, 3, 1))
+
+
+def _activation_operand(v, flip: bool, vnni: bool):
+    """The GEMM's left operand element: int16 for vpmaddwd; uint8 for vpdpbusd, with a signed
+    int8 value moved to v + 128 (exact: -128..127 -> 0..255)."""
+    if not vnni:
+        return v.astype("int16")
+    if flip:
+        return (v.astype("int32") + VNNI_FLIP).astype("uint8")
+    return v.astype("uint8")
 
 
 def _index_dtype(e) -> str:
@@ -123,22 +194,24 @@ def dense_te(x, w, bias, *, k: int, n: int, mr: int):
     # One index dtype for every extent (emit_te uses int64): mixed int32/int64 bindings are not
     # quasi-affine and decompose_reduction / tensorize refuse the block.
     idx = lambda v: tirx.const(v, _index_dtype(m))  # noqa: E731
-    nb, kh, nl, _ = (int(s) for s in w.shape)
-    kp, np_ = kh * 2, nb * nl
+    nb, kh, nl, kg = (int(s) for s in w.shape)
+    kp, np_ = kh * kg, nb * nl
+    vnni = kg == 4  # the bias then already holds -128 * colsum(W) (see CpuKernels._gemm)
     mp = (m + mr - 1) // mr * mr
-    zero = tirx.const(0, "int8")
 
     def widen(i, kk):
-        v = x[tirx.min(i, m - 1), kk]
-        return (v if kp == k else tirx.if_then_else(kk < k, v, zero)).astype("int16")
+        v = _activation_operand(x[tirx.min(i, m - 1), kk], True, vnni)
+        if kp == k:
+            return v
+        return tirx.if_then_else(kk < k, v, tirx.const(0, "uint8" if vnni else "int16"))
 
     x16 = te.compute((mp, idx(kp)), widen, name="x16")
     ko = te.reduce_axis((idx(0), idx(kh)), name="ko")
-    ki = te.reduce_axis((idx(0), idx(2)), name="ki")
+    ki = te.reduce_axis((idx(0), idx(kg)), name="ki")
     acc = te.compute(
         (mp, idx(np_)),
         lambda i, j: te.sum(
-            x16[i, ko * 2 + ki].astype("int32") * w[j // nl, ko, j % nl, ki].astype("int32"),
+            x16[i, ko * kg + ki].astype("int32") * w[j // nl, ko, j % nl, ki].astype("int32"),
             axis=[ko, ki],
         ),
         name="acc",
@@ -146,25 +219,32 @@ def dense_te(x, w, bias, *, k: int, n: int, mr: int):
     return te.compute((m, idx(n)), lambda i, j: acc[i, j] + bias[j], name="y")
 
 
-def bmm_te(a, bm, *, transpose_b: bool, mr: int, nl: int, nt: int):
+def bmm_te(a, bm, *, transpose_b: bool, mr: int, nl: int, nt: int, kg: int = 2):
     """out[g, m, n] = sum_k a[g, m, k] * B[g, k, n] (int8 x int8 -> int32); B given as (G, K, N), or
-    as (G, N, K) when transpose_b (e.g. keys for Q K^T). B is packed inside the kernel."""
+    as (G, N, K) when transpose_b (e.g. keys for Q K^T). B is packed inside the kernel.
+    kg=4 (VNNI): a int8 is fed as a + 128 and 128 * comp[g, n] = 128 * sum_k B[g, k, n] is taken off
+    in the epilogue; a uint8 (softmax probabilities) goes in unchanged."""
     g, m, k = a.shape
     n = bm.shape[1] if transpose_b else bm.shape[2]
+    vnni = kg == 4
+    flip = vnni and a.dtype == "int8"
     static = lambda e: isinstance(e, int) or isinstance(e, tirx.IntImm)  # noqa: E731
-    kp, np_ = (k + 1) // 2 * 2, (n + nt - 1) // nt * nt  # symbolic when k / n are
-    pad_k = not static(k) or int(k) % 2 != 0
+    kp, np_ = (k + kg - 1) // kg * kg, (n + nt - 1) // nt * nt  # symbolic when k / n are
+    if static(k) and int(k) <= kg:  # keep the K loop's extent > 1 (unit loops get dropped)
+        kp = 2 * kg
+    pad_k = not static(k) or int(k) % kg != 0 or int(k) <= kg
     pad_n = not static(n) or int(n) % nt != 0
     mp = (m + mr - 1) // mr * mr
     zero = tirx.const(0, "int8")
 
     def widen(gg, i, kk):
-        v = a[gg, tirx.min(i, m - 1), kk]
-        za = tirx.const(0, a.dtype)  # a may be uint8 (softmax probabilities)
-        return (tirx.if_then_else(kk < k, v, za) if pad_k else v).astype("int16")
+        v = _activation_operand(a[gg, tirx.min(i, m - 1), kk], flip, vnni)
+        if not pad_k:
+            return v
+        return tirx.if_then_else(kk < k, v, tirx.const(0, "uint8" if vnni else "int16"))
 
     def pack(gg, jo, ko, ji, ki):
-        j, kk = jo * nl + ji, ko * 2 + ki
+        j, kk = jo * nl + ji, ko * kg + ki
         conds = ([j < n] if pad_n else []) + ([kk < k] if pad_k else [])
         # clamp indices so the (discarded) padded lanes never read out of bounds
         jc = tirx.min(j, n - 1) if pad_n else j
@@ -176,19 +256,29 @@ def bmm_te(a, bm, *, transpose_b: bool, mr: int, nl: int, nt: int):
 
     idx = lambda v: tirx.const(v, _index_dtype(m)) if isinstance(v, int) else v  # noqa: E731
     a16 = te.compute((g, mp, idx(kp)), widen, name="x16")
-    bp = te.compute((g, idx(np_ // nl), idx(kp // 2), idx(nl), idx(2)), pack, name="bpack")
-    ko = te.reduce_axis((idx(0), idx(kp // 2)), name="ko")
-    ki = te.reduce_axis((idx(0), idx(2)), name="ki")
+    bp = te.compute((g, idx(np_ // nl), idx(kp // kg), idx(nl), idx(kg)), pack, name="bpack")
+    ko = te.reduce_axis((idx(0), idx(kp // kg)), name="ko")
+    ki = te.reduce_axis((idx(0), idx(kg)), name="ki")
     acc = te.compute(
         (g, mp, np_),
         lambda gg, i, j: te.sum(
-            a16[gg, i, ko * 2 + ki].astype("int32")
+            a16[gg, i, ko * kg + ki].astype("int32")
             * bp[gg, j // nl, ko, j % nl, ki].astype("int32"),
             axis=[ko, ki],
         ),
         name="acc",
     )
-    return te.compute((g, m, n), lambda gg, i, j: acc[gg, i, j], name="y")
+    if not flip:
+        return te.compute((g, m, n), lambda gg, i, j: acc[gg, i, j], name="y")
+    kc = te.reduce_axis((idx(0), k if not static(k) else idx(int(k))), name="kc")
+    comp = te.compute(
+        (g, n),
+        lambda gg, j: te.sum(
+            (bm[gg, j, kc] if transpose_b else bm[gg, kc, j]).astype("int32"), axis=[kc]
+        ),
+        name="comp",
+    )
+    return te.compute((g, m, n), lambda gg, i, j: acc[gg, i, j] - comp[gg, j] * VNNI_FLIP, name="y")
 
 
 def _vectorize_if_static(sch: Schedule, loop) -> None:
@@ -268,6 +358,13 @@ def schedule_bmm(func: tirx.PrimFunc, isa: str, mr: int, nt: int) -> tirx.PrimFu
     g, jo, ko, ji, ki = sch.get_loops(bp)
     _parallel_fused(sch, g, jo)
     sch.vectorize(sch.fuse(ji, ki))
+    try:
+        comp = sch.get_sblock("comp")
+    except Exception:  # noqa: BLE001 - no compensation stage (pmaddwd, or unsigned a)
+        comp = None
+    if comp is not None:
+        g, j, _ = sch.get_loops(comp)
+        _parallel_fused(sch, g, j)
     _schedule_gemm_core(sch, isa, mr, nt, batch=True)
     return compat.mark_scheduled(sch.mod["main"])
 
@@ -319,6 +416,7 @@ class CpuKernels:
     def __init__(self, target: tvm.target.Target) -> None:
         self.isa = pick_isa(target)
         _, self.nl, self.mr, self.nt = ISA_PARAMS[self.isa]
+        self.kg = KGROUP.get(self.isa, 2)
 
     def _attrs(self, kind: str) -> dict:
         return {"intq.kernel": kind, "intq.isa": self.isa, "intq.mr": self.mr, "intq.nt": self.nt}
@@ -332,8 +430,14 @@ class CpuKernels:
     def _gemm(self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
         """[M, K] int8 x constant [K, N] int8 (+ bias) -> [M, N] int32."""
         k, n = w_kn.shape
-        wp = relax.const(pack_weight(w_kn.astype(np.int8), self.nl, self.nt))
-        b = relax.const((bias if bias is not None else np.zeros(n)).astype(np.int32).reshape(n))
+        w8 = w_kn.astype(np.int8)
+        wp = relax.const(pack_weight(w8, self.nl, self.nt, self.kg))
+        b64 = (bias if bias is not None else np.zeros(n)).astype(np.int64).reshape(n)
+        if self.kg == 4:  # VNNI: the activation enters as x + 128; take 128 * colsum(W) back
+            b64 = b64 - VNNI_FLIP * w8.astype(np.int64).sum(axis=0)
+        if np.abs(b64).max(initial=0) >= 2**31:
+            raise LoweringError(f"int8 GEMM {k}x{n}: bias + VNNI compensation exceeds int32")
+        b = relax.const(b64.astype(np.int32))
         return ctx.bb.emit_te(
             lambda x, w, c: dense_te(x, w, c, k=k, n=n, mr=self.mr),
             x2d,
@@ -363,12 +467,15 @@ class CpuKernels:
         a = ctx.value(node.input[0])
         a3 = ctx.bb.emit(relax.op.reshape(a, (g, sa[-2], sa[-1])))
         b3 = ctx.bb.emit(relax.op.reshape(ctx.value(node.input[1]), (g, sb[-2], sb[-1])))
+        kg, attrs = self.kg, self._attrs("bmm")
+        if kg == 4 and ctx.dtypes[node.input[1]] != "int8":  # vpdpbusd needs a signed right side
+            kg, attrs = 2, {**attrs, "intq.isa": "avx512"}
         y = ctx.bb.emit_te(
-            lambda x, y: bmm_te(x, y, transpose_b=False, mr=self.mr, nl=self.nl, nt=self.nt),
+            lambda x, y: bmm_te(x, y, transpose_b=False, mr=self.mr, nl=self.nl, nt=self.nt, kg=kg),
             a3,
             b3,
             primfunc_name_hint="int8_bmm",
-            primfunc_attrs=self._attrs("bmm"),
+            primfunc_attrs=attrs,
         )
         return ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
 

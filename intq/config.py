@@ -46,6 +46,8 @@ class CompileConfig:
         (IntSoftmaxNumerator) and the matmul divides by their row sum (IntRowNormalize), so
         probabilities keep 8 bits relative to the row's largest one instead of to 1.
     (LayerNorm is one kernel in both families: integer statistics and the Newton isqrt.)
+    cpu_mcpu: LLVM CPU name cpu-int8 compiles for, e.g. "cascadelake" (VNNI kernels) to build on
+        one machine for another; None: the host CPU.
     """
 
     calibration: Literal["minmax", "percentile", "search"] = "percentile"
@@ -64,6 +66,7 @@ class CompileConfig:
     opset: int = 18
     progress: bool = False
     reparam: Literal["none", "repq"] = "none"
+    cpu_mcpu: str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -103,6 +106,10 @@ class CompileConfig:
             isinstance(self.smooth_alpha, (int, float)) and 0.0 <= self.smooth_alpha <= 1.0
         ):
             raise ConfigError(f"smooth_alpha must be None or in [0, 1], got {self.smooth_alpha!r}")
+        if self.cpu_mcpu is not None and (
+            not isinstance(self.cpu_mcpu, str) or not self.cpu_mcpu.strip()
+        ):
+            raise ConfigError(f"cpu_mcpu must be an LLVM CPU name or None, got {self.cpu_mcpu!r}")
         if self.opset < 17:
             raise ConfigError("opset must be >= 17 (LayerNormalization)")
 
