@@ -418,8 +418,15 @@ class CpuKernels:
         _, self.nl, self.mr, self.nt = ISA_PARAMS[self.isa]
         self.kg = KGROUP.get(self.isa, 2)
 
-    def _attrs(self, kind: str) -> dict:
-        return {"intq.kernel": kind, "intq.isa": self.isa, "intq.mr": self.mr, "intq.nt": self.nt}
+    def _attrs(self, kind: str, isa: str | None = None) -> dict:
+        isa = isa or self.isa
+        _, _, mr, nt = ISA_PARAMS[isa]
+        return {"intq.kernel": kind, "intq.isa": isa, "intq.mr": mr, "intq.nt": nt}
+
+    def _int16_isa(self) -> str:
+        """GEMM flavour for an int16 left operand: vpmaddwd (s16 x s8 pairs); VNNI's vpdpbusd
+        takes u8 only, so a VNNI host uses its AVX-512 vpmaddwd kernel."""
+        return "avx512" if self.isa == "avx512vnni" else self.isa
 
     def elementwise_attrs(self) -> dict:
         return self._attrs("elementwise")
@@ -427,24 +434,29 @@ class CpuKernels:
     def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
         return apply_cpu_schedules(mod)
 
-    def _gemm(self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
-        """[M, K] int8 x constant [K, N] int8 (+ bias) -> [M, N] int32."""
+    def _gemm(
+        self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias: np.ndarray | None, isa: str = ""
+    ) -> relax.Expr:
+        """[M, K] int8 (or int16) x constant [K, N] int8 (+ bias) -> [M, N] int32."""
+        isa = isa or self.isa
+        _, nl, mr, nt = ISA_PARAMS[isa]
+        kg = KGROUP.get(isa, 2)
         k, n = w_kn.shape
         w8 = w_kn.astype(np.int8)
-        wp = relax.const(pack_weight(w8, self.nl, self.nt, self.kg))
+        wp = relax.const(pack_weight(w8, nl, nt, kg))
         b64 = (bias if bias is not None else np.zeros(n)).astype(np.int64).reshape(n)
-        if self.kg == 4:  # VNNI: the activation enters as x + 128; take 128 * colsum(W) back
+        if kg == 4:  # VNNI: the activation enters as x + 128; take 128 * colsum(W) back
             b64 = b64 - VNNI_FLIP * w8.astype(np.int64).sum(axis=0)
         if np.abs(b64).max(initial=0) >= 2**31:
             raise LoweringError(f"int8 GEMM {k}x{n}: bias + VNNI compensation exceeds int32")
         b = relax.const(b64.astype(np.int32))
         return ctx.bb.emit_te(
-            lambda x, w, c: dense_te(x, w, c, k=k, n=n, mr=self.mr),
+            lambda x, w, c: dense_te(x, w, c, k=k, n=n, mr=mr),
             x2d,
             wp,
             b,
             primfunc_name_hint="int8_dense",
-            primfunc_attrs=self._attrs("dense"),
+            primfunc_attrs=self._attrs("dense", isa),
         )
 
     def dense(self, ctx, node) -> relax.Expr:
@@ -452,11 +464,12 @@ class CpuKernels:
         w = ctx.const(node.input[1])
         bias = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         a = ctx.value(node.input[0])
-        if ctx.dtypes[node.input[0]] != "int8":
+        isa = {"int8": self.isa, "int16": self._int16_isa()}.get(ctx.dtypes[node.input[0]])
+        if isa is None or w.ndim != 2:
             return _plain_matmul(ctx, node)
         rows = int(np.prod(a_shape[:-1]))
         x2d = ctx.bb.emit(relax.op.reshape(a, (rows, a_shape[-1])))
-        y = self._gemm(ctx, x2d, w, bias)
+        y = self._gemm(ctx, x2d, w, bias, isa)
         return ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
 
     def batch_matmul(self, ctx, node) -> relax.Expr:
@@ -468,7 +481,10 @@ class CpuKernels:
         a3 = ctx.bb.emit(relax.op.reshape(a, (g, sa[-2], sa[-1])))
         b3 = ctx.bb.emit(relax.op.reshape(ctx.value(node.input[1]), (g, sb[-2], sb[-1])))
         kg, attrs = self.kg, self._attrs("bmm")
-        if kg == 4 and ctx.dtypes[node.input[1]] != "int8":  # vpdpbusd needs a signed right side
+        # vpdpbusd needs a signed int8 right side and an 8-bit left side
+        if kg == 4 and (
+            ctx.dtypes[node.input[1]] != "int8" or ctx.dtypes[node.input[0]] == "int16"
+        ):
             kg, attrs = 2, {**attrs, "intq.isa": "avx512"}
         y = ctx.bb.emit_te(
             lambda x, y: bmm_te(x, y, transpose_b=False, mr=self.mr, nl=self.nl, nt=self.nt, kg=kg),

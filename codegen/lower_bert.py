@@ -176,7 +176,9 @@ def _int_l2_normalize(ctx: LowerCtx, node, attrs):
     )
 
 
-def softmax_numerator(x: te.Tensor, mask: te.Tensor | None, exp_fn, e0: int) -> te.Tensor:
+def softmax_numerator(
+    x: te.Tensor, mask: te.Tensor | None, exp_fn, e0: int, nmax: int = bert.NUMERATOR_MAX
+) -> te.Tensor:
     def keep(i):
         if mask is None:
             return tirx.const(True, "bool")
@@ -190,9 +192,9 @@ def softmax_numerator(x: te.Tensor, mask: te.Tensor | None, exp_fn, e0: int) -> 
     )
     return te.compute(
         x.shape,
-        lambda *i: bert.numerator_core(exp_fn(_i64(x(*i)), mx(*i[:-1], 0), keep(i)), e0, TE).astype(
-            "uint8"
-        ),
+        lambda *i: bert.numerator_core(
+            exp_fn(_i64(x(*i)), mx(*i[:-1], 0), keep(i)), e0, TE, nmax
+        ).astype(str(bert.numerator_dtype(nmax))),
         name="int_softmax_numerator",
     )
 
@@ -203,6 +205,7 @@ def _int_softmax_numerator(ctx: LowerCtx, node, attrs):
     a = {k: int(attrs[k]) for k in ("ln2", "poly_b", "poly_c")}
     kernel = attrs["kernel"]
     e0 = bert.exp_at_zero(kernel, a["poly_b"], a["poly_c"])
+    nmax = int(attrs["nmax"])
 
     def exp_fn(x, mx, keep):
         if kernel == "shiftmax":
@@ -212,10 +215,10 @@ def _int_softmax_numerator(ctx: LowerCtx, node, attrs):
     args = _softmax_args(ctx, node)
     if len(args) == 1:
         return ctx.emit_te(
-            lambda x: softmax_numerator(x, None, exp_fn, e0), *args, name="softmax_numerator"
+            lambda x: softmax_numerator(x, None, exp_fn, e0, nmax), *args, name="softmax_numerator"
         )
     return ctx.emit_te(
-        lambda x, m: softmax_numerator(x, m, exp_fn, e0), *args, name="softmax_numerator"
+        lambda x, m: softmax_numerator(x, m, exp_fn, e0, nmax), *args, name="softmax_numerator"
     )
 
 

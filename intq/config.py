@@ -45,6 +45,15 @@ class CompileConfig:
     deferred_softmax: a softmax read only as P in P @ V emits uint8 numerators e / e(0)
         (IntSoftmaxNumerator) and the matmul divides by their row sum (IntRowNormalize), so
         probabilities keep 8 bits relative to the row's largest one instead of to 1.
+    softmax_numerator_bits: with deferred_softmax, the numerators' width: 8 (uint8, 255 =
+        the row's largest) or 16 (int16 up to min(32767, (2^31 - 1) // (127 K)) for K keys,
+        so P @ V's int32 accumulator cannot overflow; small probabilities of peaked rows no
+        longer round to 0).
+    linear_input: width of the activation entering a linear layer (MatMul with a constant
+        [K, N] weight). "int8"; or "int16" with at most q levels each side, q the largest with
+        q (127 K + max_n |b_n| / (amax_x s_W[n])) < 2^31, so the int32 accumulator of the
+        int16 x int8 products plus the bias cannot overflow (q = 32767 up to K = 516; 11 010
+        at K = 1536). Matmuls of two activations (attention) stay int8.
     (LayerNorm is one kernel in both families: integer statistics and the Newton isqrt.)
     cpu_mcpu: LLVM CPU name cpu-int8 compiles for, e.g. "cascadelake" (VNNI kernels) to build on
         one machine for another; None: the host CPU.
@@ -63,6 +72,8 @@ class CompileConfig:
     gelu_kernel: Literal["shiftgelu", "ibert", "poly"] = "shiftgelu"
     smooth_alpha: float | None = None
     deferred_softmax: bool = False
+    linear_input: Literal["int8", "int16"] = "int8"
+    softmax_numerator_bits: Literal[8, 16] = 8
     opset: int = 18
     progress: bool = False
     reparam: Literal["none", "repq"] = "none"
@@ -106,6 +117,12 @@ class CompileConfig:
             isinstance(self.smooth_alpha, (int, float)) and 0.0 <= self.smooth_alpha <= 1.0
         ):
             raise ConfigError(f"smooth_alpha must be None or in [0, 1], got {self.smooth_alpha!r}")
+        if self.softmax_numerator_bits not in (8, 16):
+            raise ConfigError(
+                f"softmax_numerator_bits must be 8 or 16, got {self.softmax_numerator_bits!r}"
+            )
+        if self.linear_input not in ("int8", "int16"):
+            raise ConfigError(f"linear_input must be 'int8' or 'int16', got {self.linear_input!r}")
         if self.cpu_mcpu is not None and (
             not isinstance(self.cpu_mcpu, str) or not self.cpu_mcpu.strip()
         ):

@@ -88,6 +88,16 @@ def _rule_for(op_type: str) -> Callable[[onnx.NodeProto], None] | None:
     return _RULES.get(op_type)
 
 
+def int16_linear_qmax(k: int, bias: np.ndarray | None, amax: float, s_w: np.ndarray) -> int:
+    """Largest level q of an int16 linear-layer input (|x_q| <= q, step amax / q) for which
+    K products with int8 weights plus the int32 bias cannot overflow int32:
+    q (127 K + max_n |b_n| / (amax s_W[n])) + 1 <= 2^31 - 1 (the bias's own rounding <= 1/2)."""
+    per_level = 127.0 * k
+    if bias is not None and amax > 0:
+        per_level += float(np.max(np.abs(np.asarray(bias, np.float64)) / (amax * s_w)))
+    return max(127, min(32767, int((2**31 - 2) // per_level)))
+
+
 def round_half_up(x: np.ndarray) -> np.ndarray:
     return np.floor(np.asarray(x, dtype=np.float64) + 0.5)
 
@@ -380,12 +390,21 @@ class QuantizePass(Pass):
             return
         if wconst.ndim != 2:
             raise UnsupportedOpError("MatMul", node.name, f"weight of rank {wconst.ndim} (need 2)")
-        x = self.as_narrow(node.input[0])
         wname, sw = self._quantize_weight(wconst, 1, base)
+        bias_add = self._fusable_bias(node, wconst.shape[1])
+        if self.cfg.linear_input == "int16" and self._get(node.input[0]).dtype not in (
+            "int8",
+            "uint8",
+        ):  # widening an int8 tensor would add no information
+            amax = self._amax(node.input[0], "int16")
+            bias = None if bias_add is None else bias_add[1]
+            qmax = int16_linear_qmax(int(wconst.shape[0]), bias, amax, sw)
+            x = self.requant(self._get(node.input[0]), "int16", amax / qmax, base, (-qmax, qmax))
+        else:
+            x = self.as_narrow(node.input[0])
         acc_scale = float(x.scale) * sw
         ins = [x.name, wname]
         out_float = node.output[0]
-        bias_add = self._fusable_bias(node, wconst.shape[1])
         if bias_add is not None:
             add, bias = bias_add
             ins.append(self._quantize_bias(bias, acc_scale, base))

@@ -39,6 +39,7 @@ from intq.passes.quantize import (
     QTensor,
     QuantizePass,
     _base,
+    int16_linear_qmax,
     quant_prescan,
     quant_rule,
     round_half_up,
@@ -203,17 +204,23 @@ def _softmax_numerator(qp: QuantizePass, node, qt: QTensor, masked, base: str) -
     else:
         z = qp.requant(qt, "int32", 1.0 / 2**f, f"{base}_expin")
     ins = [z.name] + ([qp._get(masked[1]).name] if masked else [])
+    nmax, dt = 255, "uint8"
+    keys = (qp.shapes.get(node.input[0]) or (0,))[-1]
+    if qp.cfg.softmax_numerator_bits == 16 and keys > 0:
+        # P @ V sums `keys` products |e| |v| <= nmax 127: keep them below 2^31
+        nmax, dt = min(32767, (2**31 - 1) // (127 * int(keys))), "int16"
     y = qp._emit(
         "IntSoftmaxNumerator",
         ins,
-        f"{base}_num_u8",
+        f"{base}_num_{dt}",
         base,
         kernel=kernel,
         frac_bits=f,
+        nmax=nmax,
         **_iexp_constants(f),
     )
     qp.deferred_softmax[node.output[0]] = y
-    qp.q[node.output[0]] = QTensor(y, "uint8", np.asarray(1.0 / 255))  # row-relative
+    qp.q[node.output[0]] = QTensor(y, dt, np.asarray(1.0 / nmax))  # row-relative
     qp.rewrites.append(f"{node.name}: softmax with deferred normalisation")
 
 
@@ -433,7 +440,15 @@ def matmul(qp: QuantizePass, node: onnx.NodeProto) -> None:
     xa = np.maximum(ca.astype(np.float64), 1e-6)
     wa = np.maximum(np.abs(w64).max(axis=1), 1e-6)
     m = xa**alpha / wa ** (1.0 - alpha)
-    s_act = float((xa / m).max()) / 127.0  # int8 step of the smoothed activation x / m
+    wname, sw = qp._quantize_weight(w64 * m[:, None], 1, base)
+    bias_add = qp._fusable_bias(node, w.shape[1])
+    amax = float((xa / m).max())  # range of the smoothed activation x / m
+    dt, clip = "int8", {}
+    if qp.cfg.linear_input == "int16":
+        bias = None if bias_add is None else bias_add[1]
+        qmax = int16_linear_qmax(int(w.shape[0]), bias, amax, sw)
+        dt, clip = "int16", {"clip_min": -qmax, "clip_max": qmax}
+    s_act = amax / (clip["clip_max"] if clip else 127)
     ratios = float(src.scale) / (s_act * m)
     bc = [fp.quantize_multiplier(float(r)) for r in ratios]
     b = np.array([v[0] for v in bc], dtype=np.int32)
@@ -441,16 +456,15 @@ def matmul(qp: QuantizePass, node: onnx.NodeProto) -> None:
     xq = qp._emit(
         "Requantize",
         [src.name, qp._const(f"{base}_smooth_mult", b), qp._const(f"{base}_smooth_shift", c)],
-        f"{base}_smooth_i8",
+        f"{base}_smooth_{dt}",
         f"{base}_smooth_requant",
-        to=ONNX_DT["int8"],
+        to=ONNX_DT[dt],
         axis=-1,
+        **clip,
     )
-    wname, sw = qp._quantize_weight(w64 * m[:, None], 1, base)
     acc_scale = s_act * sw
     ins = [xq, wname]
     out_float = node.output[0]
-    bias_add = qp._fusable_bias(node, w.shape[1])
     if bias_add is not None:
         add, bias = bias_add
         ins.append(qp._quantize_bias(bias, acc_scale, base))
@@ -458,4 +472,4 @@ def matmul(qp: QuantizePass, node: onnx.NodeProto) -> None:
         out_float = add.output[0]
     out = qp._emit("IntMatMul", ins, f"{base}_acc", base)
     qp.q[out_float] = QTensor(out, "int32", acc_scale, axis=-1)
-    qp.rewrites.append(f"{node.name}: SmoothQuant (alpha {alpha}) per-channel int8 input")
+    qp.rewrites.append(f"{node.name}: SmoothQuant (alpha {alpha}) per-channel {dt} input")

@@ -59,19 +59,27 @@ def test_ibert_softmax_unmasked_bit_exact():
     check([make_node("IBertSoftmax", ["x"], ["y"], "sm", frac_bits=F, **IEXP)], {"x": x}, {})
 
 
-@pytest.mark.parametrize("kernel", ["shiftmax", "ibert"])
-def test_deferred_softmax_bit_exact(kernel):
+@pytest.mark.parametrize("kernel,nmax", [("shiftmax", 255), ("ibert", 255), ("ibert", 32767)])
+def test_deferred_softmax_bit_exact(kernel, nmax):
     x = ri(-(2**18), 2**18, (2, 2, 9, 20), np.int32)
     v = ri(-127, 127, (2, 2, 20, 6), np.int8)
+    v[0, 0, :, 0] = 127  # row sums of E times 127: the largest P @ V accumulator
     mask = _key_mask(2, 20)
     nodes = [
         make_node(
-            "IntSoftmaxNumerator", ["x", "mask"], ["e"], "num", kernel=kernel, frac_bits=F, **IEXP
+            "IntSoftmaxNumerator",
+            ["x", "mask"],
+            ["e"],
+            "num",
+            kernel=kernel,
+            frac_bits=F,
+            nmax=nmax,
+            **IEXP,
         ),
         make_node("IntMatMul", ["e", "v"], ["acc"], "pv"),
         make_node("IntRowNormalize", ["acc", "e"], ["y"], "norm", frac_bits=8),
     ]
-    y = check(nodes, {"x": x}, {"mask": mask, "v": v})
+    y = check(nodes, {"x": x, "v": v}, {"mask": mask})  # V a runtime tensor: the bmm kernel
     # (E @ V) / sum(E) is a weighted mean of V's rows: within V's range, in units of 2^-8
     assert np.all(np.abs(y) <= 127 * 256)
 
@@ -187,3 +195,25 @@ def test_poly_gelu_bit_exact_and_error_bound(dtype, qmax, rng_x):
     xs = q * s
     gelu = 0.5 * xs * (1 + _erf(xs / math.sqrt(2)))
     assert np.abs(y - gelu).max() < 2e-4  # vs 0.018 for i-GELU's second-order erf
+
+
+def test_int16_numerators_keep_small_probabilities():
+    """A peaked row: one key at p ~ 0.9, the rest share 0.1. uint8 numerators round each small
+    e / e(0) ~ 1e-3 to 0 and lose that mass; 15-bit numerators keep it."""
+    from intq.ops.registry import intq_op
+
+    keys, f = 128, F
+    x = np.full((1, keys), -round(7.0 * 2**f), np.int64)
+    x[0, 0] = 0
+    p = np.exp(x / 2**f)
+    p /= p.sum()
+    mass = {}
+    for nmax in (255, 32767):
+        attrs = {"kernel": "ibert", "frac_bits": f, "nmax": nmax, **IEXP}
+        (e,) = intq_op("IntSoftmaxNumerator").reference([x.astype(np.int32)], attrs)
+        assert e.dtype == (np.uint8 if nmax == 255 else np.int16)
+        q = e.astype(np.float64) / e.astype(np.float64).sum()
+        mass[nmax] = float(q[0, 1:].sum())
+    want = float(p[0, 1:].sum())
+    assert mass[255] == 0.0 and want > 0.1
+    assert abs(mass[32767] - want) < 0.02 * want

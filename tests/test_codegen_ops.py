@@ -138,6 +138,32 @@ def test_int_matmul_dense(m, k, n, bias):
     )
 
 
+@pytest.mark.parametrize("k,n", [(384, 40), (1536, 19)])
+def test_int_matmul_dense_int16_input_at_the_accumulator_bound(k, n):
+    """int16 x int8 on the vpmaddwd kernel (or its portable fallback), with inputs at the
+    largest level `int16_linear_qmax` allows and signs matching the weights, so column 0's
+    accumulator is as close to 2^31 as the bound permits: no overflow, bit-exact."""
+    from intq.passes.quantize import int16_linear_qmax
+
+    w = ri(-127, 127, (k, n), np.int8)
+    w[:, 0] = 127
+    bias = ri(-(2**20), 2**20, n, np.int32)
+    bias[0] = 2**20
+    # the bound in integer units: a real bias b quantizes to b q / (amax s_W), here = bias
+    q = int16_linear_qmax(k, None, 1.0, np.ones(n))
+    q = min(q, (2**31 - 2 - 2**20) // (127 * k))
+    a = ri(-q, q, (2, 5, k), np.int16)
+    a[0, 0] = q
+    y = check(
+        [make_node("IntMatMul", ["a", "w", "bias"], ["y"], "mm16")],
+        {"a": a},
+        {"w": w, "bias": bias},
+    )
+    exact = a.astype(np.int64) @ w.astype(np.int64) + bias
+    assert np.array_equal(y, exact)  # no wrap-around: the bound holds
+    assert int(exact[0, 0, 0]) > 2**31 * 0.7
+
+
 @pytest.mark.parametrize("adt", [np.int8, np.uint8])
 def test_int_matmul_batched(adt):
     lo, hi = (-128, 127) if adt == np.int8 else (0, 255)

@@ -243,3 +243,75 @@ def test_reduce_mean_becomes_int_mean():
     got = reference_run(q, x) * sig.outputs[0].scale
     # input rounding (<= s/2 per element, averaged) plus the mean's rounding (<= s/2)
     assert np.abs(got - x.mean(1)).max() <= sig.inputs[0].scale
+
+
+def ln_linear_model(k: int, n: int = 24, outlier: float = 30.0):
+    """x -> LayerNorm (one outlier channel in gamma) -> MatMul [k, n] + bias."""
+    gamma = (RNG.random(k) + 0.5).astype(np.float32)
+    gamma[3] = outlier  # a BERT-like outlier channel: int8 steps become coarse for the rest
+    inits = {
+        "g": gamma,
+        "be": RNG.standard_normal(k).astype(np.float32) * 0.1,
+        "w": (RNG.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32),
+        "b": RNG.standard_normal(n).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g", "be"], ["ln"], axis=-1, name="ln"),
+        helper.make_node("MatMul", ["ln", "w"], ["mm"], name="fc"),
+        helper.make_node("Add", ["mm", "b"], ["y"], name="fc_bias"),
+    ]
+    return model_of(nodes, [vi("x", [2, 6, k])], [vi("y", [2, 6, n])], inits)
+
+
+@pytest.mark.parametrize("k", [64, 600])
+def test_int16_linear_input_bounded_and_more_accurate(k):
+    from intq.config import CompileConfig
+    from intq.passes.quantize import int16_linear_qmax
+
+    m = ln_linear_model(k)
+    cal = batches((2, 6, k), n=8)
+    q8 = quantize(m, cal)
+    q16 = quantize(m, cal, config=CompileConfig(linear_input="int16"))
+    req = [n for n in q16.graph.node if n.op_type == "Requantize" and "fc" in n.output[0]]
+    assert len(req) == 1
+    a = {x.name: helper.get_attribute_value(x) for x in req[0].attribute}
+    assert a["to"] == TensorProto.INT16 and a["clip_min"] == -a["clip_max"]
+    qmax = a["clip_max"]
+    assert (qmax == 32767) == (k == 64)  # at K = 600 the int32 accumulator binds
+    assert qmax <= int16_linear_qmax(k, None, 1.0, np.ones(1))
+    # worst case |acc| = qmax * sum_k |W_q| + |bias_q| stays below 2^31
+    ws = {t.name: numpy_helper.to_array(t) for t in q16.graph.initializer}
+    mm = next(n for n in q16.graph.node if n.op_type == "IntMatMul")
+    wq, bq = ws[mm.input[1]].astype(np.int64), ws[mm.input[2]].astype(np.int64)
+    assert int((qmax * np.abs(wq).sum(0) + np.abs(bq)).max()) < 2**31
+    assert [n.op_type for n in q8.graph.node] == [n.op_type for n in q16.graph.node]
+    assert check_integer_only(q16) == []
+    x = RNG.standard_normal((2, 6, k)).astype(np.float32)
+    ref = ort_run(m, x)
+    err = {}
+    for name, q in (("int8", q8), ("int16", q16)):
+        got = reference_run(q, x) * load_signature(q).outputs[0].scale
+        err[name] = float(np.sqrt(np.mean((got - ref) ** 2)))
+    assert err["int16"] < 0.5 * err["int8"], err
+
+
+def test_int16_linear_input_not_used_for_int8_sources():
+    """A graph input is already int8: widening it to int16 would add nothing, so it stays."""
+    from intq.config import CompileConfig
+
+    q = quantize(linear_model(), batches((4, 3, 16)), config=CompileConfig(linear_input="int16"))
+    assert [n.op_type for n in q.graph.node] == ["IntMatMul", "Requantize", "Identity"]
+    mm = q.graph.node[0]
+    assert mm.input[0] == "x"
+
+
+def test_int16_linear_input_compiles_bit_exact_on_cpu():
+    import intq
+
+    m = ln_linear_model(600)
+    lib = intq.compile(
+        m, None, batches((2, 6, 600), n=4), config=intq.CompileConfig(linear_input="int16")
+    )
+    x = RNG.standard_normal((2, 6, 600)).astype(np.float32)
+    assert np.array_equal(lib.run(x), reference_run(lib.integer_onnx, x))
+    assert lib._build.tir_floats == []

@@ -297,7 +297,12 @@ register(
 
 # ---------------------------------------------------------------------------------------------
 # Deferred softmax normalisation: IntSoftmaxNumerator + IntRowNormalize
-NUMERATOR_MAX = 255
+NUMERATOR_MAX = 255  # default: uint8 numerators
+
+
+def numerator_dtype(nmax: int) -> np.dtype:
+    """uint8 numerators up to 255, int16 above (nmax <= 32767)."""
+    return np.dtype("uint8") if nmax <= 255 else np.dtype("int16")
 
 
 def exp_at_zero(kernel: str, poly_b: int, poly_c: int) -> int:
@@ -305,9 +310,9 @@ def exp_at_zero(kernel: str, poly_b: int, poly_c: int) -> int:
     return (1 << fp.EXP2_BITS) if kernel == "shiftmax" else poly_b * poly_b + poly_c
 
 
-def numerator_core(e, e0: int, xp=fp.NUMPY):
-    """e / E0 as uint8 with scale 1/255: min(255, div_round(255 e, E0))."""
-    return xp.minimum(fp.div_round(e * NUMERATOR_MAX, e0), NUMERATOR_MAX)
+def numerator_core(e, e0: int, xp=fp.NUMPY, nmax: int = NUMERATOR_MAX):
+    """e / E0 at scale 1/nmax: min(nmax, div_round(nmax e, E0))."""
+    return xp.minimum(fp.div_round(e * nmax, e0), nmax)
 
 
 def _numerator_ref(xs, attrs):
@@ -320,13 +325,17 @@ def _numerator_ref(xs, attrs):
     else:
         e = ibert_exp(x, mx, keep, f, int(attrs["ln2"]), int(attrs["poly_b"]), int(attrs["poly_c"]))
     e0 = exp_at_zero(attrs["kernel"], int(attrs["poly_b"]), int(attrs["poly_c"]))
-    return [numerator_core(e, e0).astype(np.uint8)]
+    nmax = int(attrs["nmax"])
+    return [numerator_core(e, e0, nmax=nmax).astype(numerator_dtype(nmax))]
 
 
 def _numerator_shape(shapes, dtypes, attrs):
     if attrs["kernel"] not in ("shiftmax", "ibert"):
         raise GraphError(f"IntSoftmaxNumerator: kernel {attrs['kernel']!r} is not shiftmax/ibert")
-    return _softmax_shape(shapes, dtypes, attrs)
+    if not 1 <= int(attrs["nmax"]) <= 32767:
+        raise GraphError(f"IntSoftmaxNumerator: nmax {attrs['nmax']} is not in [1, 32767]")
+    ((shape, _),) = _softmax_shape(shapes, dtypes, attrs)
+    return [(shape, numerator_dtype(int(attrs["nmax"])))]
 
 
 register(
@@ -343,11 +352,13 @@ register(
             "ln2": 2839,
             "poly_b": 5541,
             "poly_c": 16099,
+            "nmax": NUMERATOR_MAX,
         },
         shape=_numerator_shape,
         reference=_numerator_ref,
         doc="Unnormalised softmax: e = the kernel's exp of (x - max) over kept keys; "
-        "Y = min(255, div_round(255 e, E0)) (uint8, e / e(0) at scale 1/255).",
+        "Y = min(nmax, div_round(nmax e, E0)) (e / e(0) at scale 1/nmax; uint8 for "
+        "nmax <= 255, else int16).",
     )
 )
 
@@ -377,7 +388,7 @@ register(
         domain=INTQ_DOMAIN,
         inputs=(
             InputSpec("A", ("int32",), doc="[..., M, N] = E @ V"),
-            InputSpec("E", ("uint8",), doc="[..., M, K] softmax numerators"),
+            InputSpec("E", ("uint8", "int16"), doc="[..., M, K] softmax numerators"),
         ),
         attributes={"frac_bits": 8},
         shape=_rownorm_shape,

@@ -74,7 +74,7 @@ register(
         name="IntMatMul",
         domain=INTQ_DOMAIN,
         inputs=(
-            InputSpec("A", ("int8", "uint8"), doc="[..., M, K]"),
+            InputSpec("A", ("int8", "uint8", "int16"), doc="[..., M, K]"),
             InputSpec("B", ("int8",), doc="[..., K, N]"),
             InputSpec("C", ("int32",), optional=True, doc="bias [N]"),
         ),
