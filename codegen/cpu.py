@@ -281,12 +281,30 @@ def bmm_te(a, bm, *, transpose_b: bool, mr: int, nl: int, nt: int, kg: int = 2):
     return te.compute((g, m, n), lambda gg, i, j: acc[gg, i, j] - comp[gg, j] * VNNI_FLIP, name="y")
 
 
+#: Widest vector a packing loop is turned into in one piece. LLVM's codegen time grows much
+#: faster than linearly with the vector width: one <4608 x i16> widening (ResNet-18's last
+#: 3x3 conv, K = 4608) took 160 s to compile and the <2304 x i16> ones 10 s each.
+MAX_VECTOR_LANES = 256
+
+
 def _vectorize_if_static(sch: Schedule, loop) -> None:
     """Vectorize a loop whose extent is a constant; leave symbolic-extent loops scalar (x86 LLVM
     vectorization needs a static lane count:
-    ``Failed to vectorize loop with extent (s + 1) // 2 * 2``)."""
-    if isinstance(sch.get(loop).extent, tirx.IntImm):
+    ``Failed to vectorize loop with extent (s + 1) // 2 * 2``). A longer loop than
+    MAX_VECTOR_LANES is split by its largest power-of-two factor <= 64 and the inner part
+    vectorized."""
+    extent = sch.get(loop).extent
+    if not isinstance(extent, tirx.IntImm):
+        return
+    n = int(extent)
+    if n <= MAX_VECTOR_LANES:
         sch.vectorize(loop)
+        return
+    lanes = 64
+    while n % lanes:
+        lanes //= 2
+    if lanes > 1:
+        sch.vectorize(sch.split(loop, [None, lanes])[1])
 
 
 def _parallel_fused(sch: Schedule, outer, inner) -> None:
