@@ -51,7 +51,9 @@ def _model(name: str):
     return getattr(_vit_module(), MODELS[name])().eval()
 
 
-def prepare(out: str, models: list[str], batches: list[int]) -> None:
+def prepare(out: str, models: list[str], batches: list[int], cuda_graph: bool = False) -> None:
+    """Compile + export each (model, batch); with `cuda_graph` the artifact (tag suffix "_cg")
+    captures its kernel sequence in a CUDA graph on the first run and replays it after."""
     import torch
 
     import intq
@@ -62,11 +64,12 @@ def prepare(out: str, models: list[str], batches: list[int]) -> None:
     for name in models:
         model = _model(name)
         for b in batches:
-            tag = f"{name}_b{b}"
+            tag = f"{name}_b{b}" + ("_cg" if cuda_graph else "")
             g = torch.Generator().manual_seed(b)
             cal = [torch.randn(b, 3, 224, 224, generator=g) for _ in range(8 if b < 8 else 2)]
+            cfg = intq.CompileConfig(extra={"cuda_graph": True} if cuda_graph else {})
             t0 = time.perf_counter()
-            lib = intq.compile(model, cal[0], calibration=cal, target="cuda-int8")
+            lib = intq.compile(model, cal[0], calibration=cal, target="cuda-int8", config=cfg)
             lib.export(os.path.join(out, tag + ".so"))
             secs = time.perf_counter() - t0
             x = np.random.default_rng(100 + b).standard_normal((b, 3, 224, 224)).astype(np.float32)
@@ -147,35 +150,39 @@ def run(directory: str, models: list[str], batches: list[int]) -> None:
     from intq import runtime
 
     rows = []
-    for name in models:
-        for b in batches:
-            tag = f"{name}_b{b}"
-            so = os.path.join(directory, tag + ".so")
-            if not os.path.exists(so):
-                continue
-            t0 = time.perf_counter()
-            ex = runtime.load(so)
-            load_s = time.perf_counter() - t0
-            x = np.load(os.path.join(directory, tag + "_x.npy"))
-            ref = np.load(os.path.join(directory, tag + "_ref.npy"))
-            y = ex.run(x)
-            exact = bool(y.shape == ref.shape and np.array_equal(y, ref))
-            mismatches = int(np.sum(y != ref)) if y.shape == ref.shape else -1
-            row = {"model": name, "batch": b, "bit_exact": exact, "mismatches": mismatches}
-            row["load_s"] = round(load_s, 2)
-            row["intq_ms"] = _intq_ms(ex, x)
-            row.update(_torch_times(name, b))
-            for k in (
-                "torch_fp32_eager",
-                "torch_fp32_graph",
-                "torch_fp16_eager",
-                "torch_fp16_graph",
-            ):
-                row["x_" + k[6:]] = row[k] / row["intq_ms"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del ex
-            torch.cuda.empty_cache()
+    cases = [(n, b, cg) for n in models for b in batches for cg in ("", "_cg")]
+    for name, b, cg in cases:
+        tag = f"{name}_b{b}{cg}"
+        so = os.path.join(directory, tag + ".so")
+        if not os.path.exists(so):
+            continue
+        if not os.path.exists(os.path.join(directory, tag + "_x.npy")):  # regenerate
+            x = np.random.default_rng(100 + b).standard_normal((b, 3, 224, 224))
+            np.save(os.path.join(directory, tag + "_x.npy"), x.astype(np.float32))
+        t0 = time.perf_counter()
+        ex = runtime.load(so)
+        load_s = time.perf_counter() - t0
+        x = np.load(os.path.join(directory, tag + "_x.npy"))
+        ref = np.load(os.path.join(directory, tag + "_ref.npy"))
+        y = ex.run(x)
+        exact = bool(y.shape == ref.shape and np.array_equal(y, ref))
+        mismatches = int(np.sum(y != ref)) if y.shape == ref.shape else -1
+        row = {"model": name + (" (CUDA graph)" if cg else ""), "batch": b}
+        row.update(bit_exact=exact, mismatches=mismatches)
+        row["load_s"] = round(load_s, 2)
+        row["intq_ms"] = _intq_ms(ex, x)
+        row.update(_torch_times(name, b))
+        for k in (
+            "torch_fp32_eager",
+            "torch_fp32_graph",
+            "torch_fp16_eager",
+            "torch_fp16_graph",
+        ):
+            row["x_" + k[6:]] = row[k] / row["intq_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del ex
+        torch.cuda.empty_cache()
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
     cols = ["model", "batch", "bit-exact", "intq ms", "fp32 eager", "fp32 graph"]
     print("| " + " | ".join(cols + ["fp16 eager", "fp16 graph"]) + " |")
@@ -195,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--run", metavar="DIR")
     ap.add_argument("--models", default="tiny,small,base")
     ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--cuda-graph", action="store_true", help="--prepare: CUDA-graph artifacts")
     args = ap.parse_args(argv)
     models = args.models.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     if args.prepare:
-        prepare(args.prepare, models, batches)
+        prepare(args.prepare, models, batches, args.cuda_graph)
     else:
         run(args.run, models, batches)
     return 0
