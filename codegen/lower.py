@@ -19,8 +19,8 @@ from intq.codegen import te_ops
 from intq.errors import LoweringError
 from intq.ir import topo_sort
 from intq.ops import lookup
-from intq.ops.core import out_dtype, requant_bounds
-from intq.ops.fixedpoint import dtype_bounds
+from intq.ops.core import gelu_core, out_dtype, requant_bounds
+from intq.ops.fixedpoint import dtype_bounds, requantize_dyadic
 
 Lowering = Callable[["LowerCtx", onnx.NodeProto, dict[str, Any]], relax.Expr]
 _LOWERINGS: dict[str, Lowering] = {}
@@ -61,6 +61,46 @@ class LowerCtx:
     dtypes: dict[str, str]
     env: dict[str, relax.Expr] = field(default_factory=dict)
     kernels: Any = None  # target kernel library (schedules); None -> plain TE computes
+    # tensor name -> the nodes reading it; names of the graph outputs (for epilogue fusion)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    graph_outputs: frozenset[str] = frozenset()
+
+    def sole_consumer(self, tensor: str, op_type: str) -> onnx.NodeProto | None:
+        """The node of type `op_type` that is the only reader of `tensor` (and `tensor` is no
+        graph output), else None. A lowering that folds that node into its own kernel (an
+        epilogue) binds the node's output in `env`; the driver then skips the node."""
+        users = self.consumers.get(tensor, [])
+        if tensor in self.graph_outputs or len(users) != 1 or users[0].op_type != op_type:
+            return None
+        return users[0]
+
+    def per_tensor_requant(self, node: onnx.NodeProto) -> tuple[int, int, int, int, str] | None:
+        """(b, c, lo, hi, dtype) of a Requantize node with a constant scalar multiplier and
+        shift, else None."""
+        if node.input[1] not in self.consts or node.input[2] not in self.consts:
+            return None
+        b, c = self.consts[node.input[1]], self.consts[node.input[2]]
+        if b.size != 1 or c.size != 1:
+            return None
+        attrs = lookup(node).attrs_of(node)
+        lo, hi = requant_bounds(attrs)
+        return int(b.reshape(())), int(c.reshape(())), lo, hi, out_dtype(attrs).name
+
+    def last_axis_requant(self, node: onnx.NodeProto, ndim: int, channels: int) -> tuple | None:
+        """(b, c, lo, hi, dtype) of a Requantize node that a kernel producing an `ndim`-D tensor
+        with `channels` on its last axis can apply in its epilogue: b, c python ints (per-tensor)
+        or int32 arrays of length `channels` (per-channel along the last axis); else None."""
+        if node.input[1] not in self.consts or node.input[2] not in self.consts:
+            return None
+        b, c = self.consts[node.input[1]].reshape(-1), self.consts[node.input[2]].reshape(-1)
+        attrs = lookup(node).attrs_of(node)
+        lo, hi = requant_bounds(attrs)
+        dt = out_dtype(attrs).name
+        if b.size == 1 and c.size == 1:
+            return int(b[0]), int(c[0]), lo, hi, dt
+        if b.size != channels or c.size != channels or int(attrs["axis"]) % ndim != ndim - 1:
+            return None
+        return b.astype(np.int32), c.astype(np.int32), lo, hi, dt
 
     def value(self, name: str) -> relax.Expr:
         if name in self.env:
@@ -106,11 +146,20 @@ def to_relax(model: onnx.ModelProto, kernels: Any = None) -> tvm.IRModule:  # no
     bb = relax.BlockBuilder()
     names = [i.name for i in g.input if i.name not in consts]
     params = [relax.Var(n, relax.TensorType(list(shapes[n]), dtypes[n])) for n in names]
-    ctx = LowerCtx(bb, consts, shapes, dtypes, kernels=kernels)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in node.input:
+            if i:
+                consumers.setdefault(i, []).append(node)
+    outputs = frozenset(o.name for o in g.output)
+    ctx = LowerCtx(bb, consts, shapes, dtypes, kernels=kernels, consumers=consumers)
+    ctx.graph_outputs = outputs
     with bb.function("main", params):
         with bb.dataflow():
             ctx.env.update(zip(names, params, strict=True))
             for node in topo_sort(g):
+                if node.output[0] in ctx.env:  # folded into its producer's kernel
+                    continue
                 op = lookup(node)
                 fn = _LOWERINGS.get(node.op_type)
                 if fn is None:
@@ -230,13 +279,32 @@ def _int_add(ctx: LowerCtx, node, attrs):
 
 @lowering("IntLayerNorm")
 def _int_layernorm(ctx: LowerCtx, node, attrs):
-    return ctx.emit_te(
-        lambda x, g, b: te_ops.int_layernorm(
-            x, g, b, eps=int(attrs["epsilon"]), frac_bits=int(attrs["frac_bits"])
-        ),
-        *(ctx.value(i) for i in node.input),
-        name="int_layernorm",
-    )
+    """One kernel; a following Requantize that alone reads the output runs in its last stage."""
+    kw = dict(eps=int(attrs["epsilon"]), frac_bits=int(attrs["frac_bits"]))
+    shape = ctx.shapes[node.output[0]]
+    args = [ctx.value(i) for i in node.input]
+    rq_node = ctx.sole_consumer(node.output[0], "Requantize")
+    rq = ctx.last_axis_requant(rq_node, len(shape), shape[-1]) if rq_node is not None else None
+    if rq is None:
+        return ctx.emit_te(
+            lambda x, g, b: te_ops.int_layernorm(x, g, b, **kw), *args, name="int_layernorm"
+        )
+    if isinstance(rq[0], np.ndarray):
+        out = ctx.emit_te(
+            lambda x, g, b, tb, tc: te_ops.int_layernorm(x, g, b, rq=(tb, tc, *rq[2:]), **kw),
+            *args,
+            relax.const(rq[0]),
+            relax.const(rq[1]),
+            name="int_layernorm_rq",
+        )
+    else:
+        out = ctx.emit_te(
+            lambda x, g, b: te_ops.int_layernorm(x, g, b, rq=rq, **kw),
+            *args,
+            name="int_layernorm_rq",
+        )
+    ctx.env[rq_node.output[0]] = out
+    return out
 
 
 @lowering("IntSoftmax")
@@ -248,8 +316,33 @@ def _int_softmax(ctx: LowerCtx, node, attrs):
     )
 
 
+def _requantize_table(table: np.ndarray, rq: tuple[int, int, int, int, str]) -> np.ndarray:
+    """Requantize (per-tensor b, c, lo, hi, dtype) applied to a table of int values: the op's
+    reference formula."""
+    b, c, lo, hi, dt = rq
+    return requantize_dyadic(table.astype(np.int64), b, c, lo, hi).astype(dt)
+
+
 @lowering("IntGELU")
 def _int_gelu(ctx: LowerCtx, node, attrs):
+    """int8 input: a 256-entry table of the reference's gelu_core (the following per-tensor
+    Requantize, when it is the only reader, composed into the table); else the TE formula."""
+    alpha, frac_bits = int(attrs["alpha"]), int(attrs["frac_bits"])
+    if ctx.dtypes.get(node.input[0]) == "int8":
+        values = np.arange(-128, 128, dtype=np.int64)
+        table = gelu_core(values, alpha, frac_bits).astype(np.int32)
+        rq_node = ctx.sole_consumer(node.output[0], "Requantize")
+        rq = ctx.per_tensor_requant(rq_node) if rq_node is not None else None
+        table = _requantize_table(table, rq) if rq is not None else table
+        out = ctx.emit_te(
+            lambda x, t: te_ops.table_lookup(x, t, 128),
+            ctx.value(node.input[0]),
+            relax.const(table),
+            name="int_gelu_table",
+        )
+        if rq is not None:
+            ctx.env[rq_node.output[0]] = out
+        return out
     return ctx.emit_te(
         lambda x: te_ops.int_gelu(x, alpha=int(attrs["alpha"]), frac_bits=int(attrs["frac_bits"])),
         ctx.value(node.input[0]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import tvm
 from tvm import te, tirx
 
 from intq.ops import core
@@ -32,6 +33,14 @@ TE = _TENamespace()
 
 def _i64(x):
     return x.astype("int64")
+
+
+def requant_expr(v, b, c, lo: int, hi: int, dtype: str, ch=None):
+    """Requantize of one int expression `v` (fixedpoint.requantize_dyadic): `b`, `c` python ints,
+    or te.Tensors indexed by the channel index `ch`."""
+    bb = _i64(b[ch]) if isinstance(b, te.Tensor) else tirx.const(int(b), "int64")
+    cc = _i64(c[ch]) if isinstance(c, te.Tensor) else tirx.const(int(c), "int64")
+    return fp.requantize_dyadic(_i64(v), bb, cc, lo, hi, TE).astype(dtype)
 
 
 def requantize(x: te.Tensor, b, c, *, axis: int, dtype: str, lo: int, hi: int) -> te.Tensor:
@@ -69,8 +78,15 @@ def _row_reduce(x: te.Tensor, body, name: str, kind: str = "sum") -> te.Tensor:
     return te.compute((*x.shape[:-1], 1), lambda *i: red(body(i[:-1], k), axis=k), name=name)
 
 
-def int_layernorm(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, *, eps: int, frac_bits: int):
+def int_layernorm(
+    x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, *, eps: int, frac_bits: int, rq=None
+):
+    """core.layernorm_row_stats as row stages (sum, mean, centred sum of squares, variance, the
+    isqrt Newton steps, std), the row's magic divisor (fixedpoint.row_magic), then
+    core.layernorm_normalise per element, saturated to int32; `rq` = (b, c, lo, hi, dtype)
+    (per-tensor ints, or per-channel te.Tensors) applies a following Requantize in that stage."""
     n = int(x.shape[-1])
+    in_bits = 8 * (tvm.DataType(x.dtype).bits // 8)
     s1 = _row_reduce(x, lambda r, k: _i64(x(*r, k)), "ln_sum")
     mean = te.compute(s1.shape, lambda *i: fp.div_round(s1(*i), n), name="ln_mean")
     s2 = _row_reduce(
@@ -86,14 +102,35 @@ def int_layernorm(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, *, eps: int, 
     for step in range(fp.ISQRT_ITERS):
         root = te.compute(var.shape, newton(root), name=f"ln_sqrt{step + 1}")
     std = te.compute(var.shape, lambda *i: tirx.max(root(*i), 1), name="ln_std")
+    a_bits = in_bits + frac_bits
+    magic = None
+    if fp.row_div_bits(a_bits, core.LN_STD_BITS) is not None:
+
+        def part(w: int):
+            return lambda *i: fp.row_magic(std(*i), a_bits, core.LN_STD_BITS, TE)[w]
+
+        magic = [te.compute(var.shape, part(w), name=f"ln_magic{w}") for w in (0, 1)]
     lo, hi = fp.dtype_bounds("int32")
 
     def out(*i):
         r = i[:-1]
-        xc = _i64(x(*i)) - mean(*r, 0)
-        y = fp.div_round(xc << frac_bits, std(*r, 0))
-        v = y * _i64(gamma[i[-1]]) + _i64(beta[i[-1]])
-        return tirx.min(tirx.max(v, lo), hi).astype("int32")
+        mg = None if magic is None else (magic[0](*r, 0), magic[1](*r, 0))
+        v = core.layernorm_normalise(
+            _i64(x(*i)),
+            mean(*r, 0),
+            std(*r, 0),
+            _i64(gamma[i[-1]]),
+            _i64(beta[i[-1]]),
+            frac_bits,
+            in_bits,
+            TE,
+            mg,
+        )
+        y = tirx.min(tirx.max(v, lo), hi).astype("int32")
+        if rq is None:
+            return y
+        b, c, rlo, rhi, dt = rq
+        return requant_expr(y, b, c, rlo, rhi, dt, ch=i[-1])
 
     return te.compute(x.shape, out, name="int_layernorm")
 
@@ -121,6 +158,14 @@ def int_gelu(x: te.Tensor, *, alpha: int, frac_bits: int) -> te.Tensor:
         x.shape,
         lambda *i: core.gelu_core(_i64(x(*i)), alpha, frac_bits, TE).astype("int32"),
         name="int_gelu",
+    )
+
+
+def table_lookup(x: te.Tensor, table: te.Tensor, offset: int) -> te.Tensor:
+    """y = table[x + offset]: an elementwise function of a narrow integer input, tabulated at
+    compile time over every input value by the op's own reference formula."""
+    return te.compute(
+        x.shape, lambda *i: table[x(*i).astype("int32") + offset], name="table_lookup"
     )
 
 

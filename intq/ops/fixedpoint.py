@@ -96,6 +96,69 @@ def div_round(a: Any, b: Any) -> Any:
     return (2 * a + b) // (2 * b)
 
 
+# Exact division by a divisor that is invariant along a row (Granlund & Montgomery, "Division by
+# invariant integers using multiplication", 1994, Thm 4.2): with l = ceil(log2 d) and
+# m = ceil(2^(N+l) / d), floor(u / d) = (u * m) >> (N + l) for every 0 <= u < 2^N. For N <= 30,
+# u < 2^30 and m <= 2^31, so u * m is one 32 x 32 -> 64-bit unsigned multiply (vpmuludq).
+MAGIC_MAX_BITS = 30
+_LOW32 = (1 << 32) - 1
+
+
+def ceil_log2(d: Any, d_bits: int, xp: Any = NUMPY) -> Any:
+    """ceil(log2 d) for 1 <= d <= 2^d_bits: the number of k in [0, d_bits) with 2^k < d."""
+    one, zero = xp.i64(1), xp.i64(0)
+    n = d * 0
+    for k in range(d_bits):
+        n = n + xp.where(d > (1 << k), one, zero)
+    return n
+
+
+def magic_divisor(d: Any, n_bits: int, d_bits: int, xp: Any = NUMPY) -> tuple[Any, Any]:
+    """(m, s) with floor(u / d) == (u * m) >> s for 0 <= u < 2^n_bits, 1 <= d <= 2^d_bits:
+    s = n_bits + ceil_log2(d), m = ceil(2^s / d) (one division per divisor)."""
+    s = ceil_log2(d, d_bits, xp) + n_bits
+    return ((xp.i64(1) << s) + d - 1) // d, s
+
+
+def div_floor_magic(n: Any, m: Any, s: Any) -> Any:
+    """floor(n / d) for |n| < 2^N given (m, s) = magic_divisor(d, N, .), N <= MAGIC_MAX_BITS:
+    n < 0 goes through floor(n / d) = ~floor(~n / d) (~n = -n - 1 >= 0), so only
+    0 <= u < 2^N is divided: ((u * m) >> s) with u, m < 2^32 masked to 32 bits (identities within
+    those bounds; they let the compiler use a 32 x 32 -> 64-bit multiply)."""
+    sign = n >> 63  # 0 or -1
+    u = n ^ sign
+    return (((u & _LOW32) * (m & _LOW32)) >> s) ^ sign
+
+
+def row_div_bits(a_bits: int, b_bits: int) -> int | None:
+    """N for div_round_by_row's magic division (|2a + b| < 2^N), or None when N is too wide."""
+    n_bits = max(a_bits + 1, b_bits) + 1  # |2a + b| < 2^(a_bits+1) + 2^b_bits <= 2^n_bits
+    return n_bits if n_bits <= MAGIC_MAX_BITS else None
+
+
+def row_magic(b: Any, a_bits: int, b_bits: int, xp: Any = NUMPY) -> tuple[Any, Any] | None:
+    """The per-row (m, s) that div_round_by_row divides with, or None (plain division)."""
+    n_bits = row_div_bits(a_bits, b_bits)
+    if n_bits is None:
+        return None
+    return magic_divisor(2 * b, n_bits, b_bits + 1, xp)
+
+
+def div_round_by_row(
+    a: Any, b: Any, a_bits: int, b_bits: int, xp: Any = NUMPY, magic: Any = None
+) -> Any:
+    """div_round(a, b) for |a| < 2^a_bits, 1 <= b <= 2^b_bits, where b is shared along the row
+    (one value per row, broadcast over the last axis). Equal to div_round(a, b) exactly: when
+    the bounds allow (N = max(a_bits + 1, b_bits) + 1 <= MAGIC_MAX_BITS) it is computed as
+    div_floor_magic(2a + b, magic_divisor(2b, N, b_bits + 1)) (one division per row, not per
+    element; `magic`: that row's (m, s) = row_magic(b, ...) when already computed), else by
+    div_round itself."""
+    if row_div_bits(a_bits, b_bits) is None:
+        return div_round(a, b)
+    m, s = magic if magic is not None else row_magic(b, a_bits, b_bits, xp)
+    return div_floor_magic(2 * a + b, m, s)
+
+
 def isqrt_step(x: Any, n: Any, xp: Any = NUMPY) -> Any:
     """One guarded Newton step for floor(sqrt(n)): min(x, floor((x + floor(n / x)) / 2))."""
     return xp.minimum(x, (x + n // x) >> 1)
