@@ -45,7 +45,8 @@ def manifest(integer_onnx, target) -> list[dict]:
         if not isinstance(f, tirx.PrimFunc):
             continue
         name = gv.name_hint
-        calls = len(re.findall(r"\b" + re.escape(name) + r"\b", main_text))
+        # direct calls `name(args)` only (not e.g. the "vm.builtin.reshape" view)
+        calls = len(re.findall(r"(?<![\w.\"])" + re.escape(name) + r"\(", main_text))
         params = [[[int(s) for s in p.shape], str(p.dtype)] for p in f.params]
         out.append({"name": name, "params": params, "calls": calls})
     return out

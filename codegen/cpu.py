@@ -20,6 +20,7 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
 from intq.codegen import compat, te_ops
+from intq.codegen.lower import gelu_table
 from intq.errors import LoweringError
 
 # ----------------------------------------------------------------------------------------------
@@ -189,16 +190,18 @@ def _index_dtype(e) -> str:
     return "int32" if isinstance(e, int) else str(e.ty.dtype)
 
 
-def _epilogue(v, j, rq):
+def _epilogue(v, j, rq, table=None):
     """The GEMM's output element: int32 `v`, or Requantize(v) when `rq` = (b, c, lo, hi, dtype)
-    (b, c ints or per-column te.Tensors indexed by the column j) is folded in."""
+    (b, c ints or per-column te.Tensors indexed by the column j) is folded in, then looked up in
+    `table` (te.Tensor: table[q + 128], an int8 -> * function such as ShiftGELU) if given."""
     if rq is None:
         return v
     b, c, lo, hi, dt = rq
-    return te_ops.requant_expr(v, b, c, lo, hi, dt, ch=j)
+    q = te_ops.requant_expr(v, b, c, lo, hi, dt, ch=j)
+    return q if table is None else table[q.astype("int32") + 128]
 
 
-def dense_te(x, w, bias, *, k: int, n: int, mr: int, rq=None):
+def dense_te(x, w, bias, *, k: int, n: int, mr: int, rq=None, table=None):
     """y[m, n] = x[m, K] @ W[K, N] + bias[n] (int32) with W given packed (see pack_weight);
     with `rq` (see _epilogue) the Requantize of that int32 value instead."""
     m = x.shape[0]
@@ -227,7 +230,9 @@ def dense_te(x, w, bias, *, k: int, n: int, mr: int, rq=None):
         ),
         name="acc",
     )
-    return te.compute((m, idx(n)), lambda i, j: _epilogue(acc[i, j] + bias[j], j, rq), name="y")
+    return te.compute(
+        (m, idx(n)), lambda i, j: _epilogue(acc[i, j] + bias[j], j, rq, table), name="y"
+    )
 
 
 def bmm_te(a, bm, *, transpose_b: bool, mr: int, nl: int, nt: int, kg: int = 2, rq=None):
@@ -479,10 +484,11 @@ class CpuKernels:
         return apply_cpu_schedules(mod)
 
     def _gemm(
-        self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias: np.ndarray | None, rq=None
+        self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias: np.ndarray | None, rq=None, table=None
     ) -> relax.Expr:
         """[M, K] int8 x constant [K, N] int8 (+ bias) -> [M, N] int32, or Requantize of it when
-        `rq` = (b, c, lo, hi, dtype) (ints, or int32 arrays per column) is folded in."""
+        `rq` = (b, c, lo, hi, dtype) (ints, or int32 arrays per column) is folded in, then
+        table[. + 128] when `table` (a 256-entry array, int8 requantized values) is given."""
         k, n = w_kn.shape
         w8 = w_kn.astype(np.int8)
         wp = relax.const(pack_weight(w8, self.nl, self.nt, self.kg))
@@ -492,23 +498,23 @@ class CpuKernels:
         if np.abs(b64).max(initial=0) >= 2**31:
             raise LoweringError(f"int8 GEMM {k}x{n}: bias + VNNI compensation exceeds int32")
         b = relax.const(b64.astype(np.int32))
-        if rq is None or not isinstance(rq[0], np.ndarray):
-            return ctx.bb.emit_te(
-                lambda x, w, c: dense_te(x, w, c, k=k, n=n, mr=self.mr, rq=rq),
-                x2d,
-                wp,
-                b,
-                primfunc_name_hint="int8_dense" if rq is None else "int8_dense_rq",
-                primfunc_attrs=self._attrs("dense"),
-            )
+        per_channel = rq is not None and isinstance(rq[0], np.ndarray)
+        extra = ([rq[0], rq[1]] if per_channel else []) + ([table] if table is not None else [])
+
+        def fn(x, w, c, *ts):
+            it = iter(ts)
+            rq_t = (next(it), next(it), *rq[2:]) if per_channel else rq
+            tab = next(it) if table is not None else None
+            return dense_te(x, w, c, k=k, n=n, mr=self.mr, rq=rq_t, table=tab)
+
+        name = "int8_dense" + ("_rq" if rq is not None else "") + ("_pc" if per_channel else "")
         return ctx.bb.emit_te(
-            lambda x, w, c, tb, tc: dense_te(x, w, c, k=k, n=n, mr=self.mr, rq=(tb, tc, *rq[2:])),
+            fn,
             x2d,
             wp,
             b,
-            relax.const(rq[0]),
-            relax.const(rq[1]),
-            primfunc_name_hint="int8_dense_rq_pc",
+            *[relax.const(e) for e in extra],
+            primfunc_name_hint=name + ("_table" if table is not None else ""),
             primfunc_attrs=self._attrs("dense"),
         )
 
@@ -530,10 +536,17 @@ class CpuKernels:
         rows = int(np.prod(a_shape[:-1]))
         x2d = ctx.bb.emit(relax.op.reshape(a, (rows, a_shape[-1])))
         rq_node, rq = self._folded_requant(ctx, node, ctx.shapes[node.output[0]])
-        y = self._gemm(ctx, x2d, w, bias, rq)
+        table, last = None, rq_node
+        if rq is not None and rq[4] == "int8":  # Linear -> Requantize -> ShiftGELU (table)
+            gelu = ctx.sole_consumer(rq_node.output[0], "IntGELU")
+            tab = gelu_table(ctx, gelu) if gelu is not None else None
+            if tab is not None:
+                table, last = tab
+                ctx.skipped.update({rq_node.output[0], gelu.output[0]} - {last.output[0]})
+        y = self._gemm(ctx, x2d, w, bias, rq, table)
         out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
-        if rq_node is not None:
-            ctx.env[rq_node.output[0]] = out
+        if last is not None:
+            ctx.bind_folded(last, out)
         return out
 
     def batch_matmul(self, ctx, node) -> relax.Expr:
@@ -561,7 +574,7 @@ class CpuKernels:
         )
         out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
         if rq_node is not None:
-            ctx.env[rq_node.output[0]] = out
+            ctx.bind_folded(rq_node, out)
         return out
 
     def conv2d(self, ctx, node, attrs) -> relax.Expr:

@@ -43,27 +43,47 @@ def requant_expr(v, b, c, lo: int, hi: int, dtype: str, ch=None):
     return fp.requantize_dyadic(_i64(v), bb, cc, lo, hi, TE).astype(dtype)
 
 
-def requantize(x: te.Tensor, b, c, *, axis: int, dtype: str, lo: int, hi: int) -> te.Tensor:
-    """`b`, `c`: python ints (per-tensor) or 1-D te.Tensors indexed along `axis`."""
-    nd = len(x.shape)
+def requantize(
+    x: te.Tensor, b, c, *, axis: int, dtype: str, lo: int, hi: int, shape=None, index=None
+) -> te.Tensor:
+    """`b`, `c`: python ints (per-tensor) or 1-D te.Tensors indexed along `axis`. With `shape`
+    and `index` (out index -> index into `x`), the input is read through that map (a data
+    movement folded into this kernel)."""
+    out_shape = tuple(shape) if shape is not None else x.shape
+    nd = len(out_shape)
     ax = axis % nd if nd else 0
 
     def f(*idx):
-        bb = _i64(b[idx[ax]]) if isinstance(b, te.Tensor) else tirx.const(int(b), "int64")
-        cc = _i64(c[idx[ax]]) if isinstance(c, te.Tensor) else tirx.const(int(c), "int64")
-        return fp.requantize_dyadic(_i64(x(*idx)), bb, cc, lo, hi, TE).astype(dtype)
+        v = x(*index(list(idx))) if index is not None else x(*idx)
+        return requant_expr(v, b, c, lo, hi, dtype, ch=idx[ax] if nd else None)
 
-    return te.compute(x.shape, f, name="requantize")
+    return te.compute(out_shape, f, name="requantize")
 
 
-def int_add(a: te.Tensor, b: te.Tensor, out_shape: Sequence[int], dtype: str, lo: int, hi: int):
+def int_add(
+    a: te.Tensor,
+    b: te.Tensor,
+    out_shape: Sequence[int],
+    dtype: str,
+    lo: int,
+    hi: int,
+    rq_a=None,
+    rq_b=None,
+):
+    """saturate(A + B) with numpy broadcasting; `rq_a` / `rq_b` = (b, c, lo, hi, dtype): that
+    operand is Requantize(t) of the tensor given, applied here (per-tensor)."""
+
     def index(t: te.Tensor, idx):
         off = len(idx) - len(t.shape)
         return [0 if int(t.shape[k]) == 1 else idx[off + k] for k in range(len(t.shape))]
 
+    def operand(t: te.Tensor, rq, idx):
+        v = t(*index(t, idx))
+        return _i64(requant_expr(v, *rq) if rq is not None else v)
+
     return te.compute(
         tuple(out_shape),
-        lambda *i: tirx.min(tirx.max(_i64(a(*index(a, i))) + _i64(b(*index(b, i))), lo), hi).astype(
+        lambda *i: tirx.min(tirx.max(operand(a, rq_a, i) + operand(b, rq_b, i), lo), hi).astype(
             dtype
         ),
         name="int_add",

@@ -297,3 +297,77 @@ def test_layernorm_with_folded_requantize(dt, per_channel):
             "c": cc,
         },
     )
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_requantize_reads_through_data_movement(per_channel):
+    """Reshape -> Transpose -> Gather (scalar index) -> Transpose -> Requantize: the Requantize
+    kernel reads the matmul output through the composed index map (the head split of attention)
+    and the moved copies are never written; results equal the reference's op-by-op ones."""
+    k, n = 24, 3 * 2 * 5
+    b, c = mult([0.0021])
+    nodes = [
+        make_node("IntMatMul", ["a", "w"], ["acc"], "mm"),
+        make_node("Reshape", ["acc", "shape"], ["r"], "reshape"),
+        make_node("Transpose", ["r"], ["t"], "transpose", perm=[2, 0, 3, 1, 4]),
+        make_node("Gather", ["t", "idx"], ["g"], "gather", axis=0),
+        make_node("Transpose", ["g"], ["gt"], "transpose2", perm=[0, 1, 3, 2]),
+    ]
+    if per_channel:
+        b, c = mult(RNG.uniform(1e-3, 1e-2, 7))
+        nodes.append(make_node("Requantize", ["gt", "b", "c"], ["y"], "rq", axis=-1, to=3))
+    else:
+        nodes.append(make_node("Requantize", ["gt", "b", "c"], ["y"], "rq", to=3))
+    check(
+        nodes,
+        {"a": ri(-128, 127, (2, 7, k), np.int8)},
+        {
+            "w": ri(-128, 127, (k, n), np.int8),
+            "shape": np.array([2, 7, 3, 2, 5], np.int64),
+            "idx": np.array(1, np.int64),
+            "b": b,
+            "c": c,
+        },
+    )
+
+
+def test_int_add_applies_its_operands_requantize():
+    b1, c1 = mult([0.61])
+    b2, c2 = mult([1.7])
+    check(
+        [
+            make_node("Requantize", ["a", "b1", "c1"], ["ra"], "rqa", to=TensorProto.INT16),
+            make_node("Requantize", ["bb", "b2", "c2"], ["rb"], "rqb", to=TensorProto.INT16),
+            make_node("IntAdd", ["ra", "rb"], ["y"], "add", to=TensorProto.INT16),
+        ],
+        {"a": ri(-32768, 32767, (2, 7, 9), np.int16), "bb": ri(-32768, 32767, (1, 9), np.int16)},
+        {"b1": b1, "c1": c1, "b2": b2, "c2": c2},
+    )
+
+
+@pytest.mark.parametrize("requant_after", [True, False])
+def test_dense_requantize_gelu_in_one_kernel(requant_after):
+    """Linear -> Requantize(int8, per channel) -> ShiftGELU (-> Requantize): the GEMM epilogue
+    requantizes and looks the result up in the GELU table; equal to the reference's ops."""
+    k, n = 40, 48
+    b, c = mult(RNG.uniform(1e-4, 1e-3, n))
+    b2, c2 = mult([0.41 / 2**14])
+    nodes = [
+        make_node("IntMatMul", ["a", "w", "bias"], ["acc"], "mm"),
+        make_node("Requantize", ["acc", "b", "c"], ["q"], "rq", axis=-1, to=TensorProto.INT8),
+        make_node("IntGELU", ["q"], ["g"], "gelu", alpha=8008, frac_bits=18),
+    ]
+    if requant_after:
+        nodes.append(make_node("Requantize", ["g", "b2", "c2"], ["y"], "rq2", to=3))
+    check(
+        nodes,
+        {"a": ri(-128, 127, (3, 11, k), np.int8)},
+        {
+            "w": ri(-128, 127, (k, n), np.int8),
+            "bias": ri(-(2**16), 2**16, n, np.int32),
+            "b": b,
+            "c": c,
+            "b2": b2,
+            "c2": c2,
+        },
+    )
