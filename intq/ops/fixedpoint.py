@@ -182,6 +182,19 @@ EXP2_POLY_A = -21951  # round(-0.66988 * 2^15)
 EXP2_POLY_B = 5567  # round(0.16988 * 2^15)
 
 
+# exp2_neg(d) == exp2_neg(min(d, EXP2_CAP << F)): from q = d >> F >= EXP2_BITS + 1 on the result
+# is v >> q = 0 (v < 2^15), and the cap keeps q >= 32 > EXP2_BITS. With d capped, every
+# intermediate of exp2_neg is below 2^31 in magnitude for F <= EXP2_I32_MAX_FRAC, so a compiled
+# kernel may evaluate it in int32 with the very same result.
+EXP2_CAP = 32
+EXP2_I32_MAX_FRAC = 25
+
+
+def exp2_neg_arg(d: Any, frac_bits: int, xp: Any = NUMPY) -> Any:
+    """min(d, EXP2_CAP << frac_bits): the same exp2_neg, an argument that fits in int32."""
+    return xp.minimum(d, EXP2_CAP << frac_bits)
+
+
 def exp2_neg(d: Any, frac_bits: int, xp: Any = NUMPY) -> Any:
     """2^(-d / 2^F) in fixed point with EXP2_BITS fraction bits, for d >= 0.
 
