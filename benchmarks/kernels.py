@@ -88,6 +88,38 @@ def time_kernels(lib, kernels: list[dict], dev, number: int = 5, repeat: int = 3
         print(f"{group:24s} {ms:8.2f} ms {100 * ms / whole:5.1f} %  ({calls[group]} calls)")
 
 
+def whole_model(so: str, threads: int, calls: int = 20) -> None:
+    """The same model end to end, for comparison with the kernel sum: `main` of the VM alone on
+    an already quantized (zero) input, and Executor.run on a float input (input quantizer and
+    output copy included). Medians of `calls` calls."""
+    import time
+
+    import tvm
+
+    from intq import boundary, runtime
+    from intq.codegen import compat
+
+    ex = runtime.load(so, threads=threads)
+    xs = [np.zeros(s.shape, np.float32) for s in ex.signature.inputs]
+    q = boundary.quantize_inputs(ex.signature.inputs, xs)
+    args = [compat.to_device_tensor(a, tvm.cpu()) for a in q]
+    main = ex._vm["main"]
+
+    def median_ms(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t)
+        return float(np.median(samples)) * 1e3
+
+    print(
+        f"whole model: VM main {median_ms(lambda: main(*args)):.2f} ms, "
+        f"Executor.run {median_ms(lambda: ex.run(*xs)):.2f} ms"
+    )
+
+
 def export(args) -> None:
     from intq.codegen import compat
 
@@ -120,6 +152,7 @@ def run(args) -> None:
         mod = tvm.runtime.load_module(so)
         print(f"\n{tag}: {args.threads} threads")
         time_kernels(mod.imports[0], kernels, tvm.cpu())
+        whole_model(so, args.threads)
 
 
 def local(args) -> None:
