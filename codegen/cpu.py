@@ -20,7 +20,6 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
 from intq.codegen import compat, te_ops
-from intq.codegen.lower import gelu_table
 from intq.errors import LoweringError
 
 # ----------------------------------------------------------------------------------------------
@@ -190,18 +189,16 @@ def _index_dtype(e) -> str:
     return "int32" if isinstance(e, int) else str(e.ty.dtype)
 
 
-def _epilogue(v, j, rq, table=None):
+def _epilogue(v, j, rq):
     """The GEMM's output element: int32 `v`, or Requantize(v) when `rq` = (b, c, lo, hi, dtype)
-    (b, c ints or per-column te.Tensors indexed by the column j) is folded in, then looked up in
-    `table` (te.Tensor: table[q + 128], an int8 -> * function such as ShiftGELU) if given."""
+    (b, c ints or per-column te.Tensors indexed by the column j) is folded in."""
     if rq is None:
         return v
     b, c, lo, hi, dt = rq
-    q = te_ops.requant_expr(v, b, c, lo, hi, dt, ch=j)
-    return q if table is None else table[q.astype("int32") + 128]
+    return te_ops.requant_expr(v, b, c, lo, hi, dt, ch=j)
 
 
-def dense_te(x, w, bias, *, k: int, n: int, mr: int, rq=None, table=None):
+def dense_te(x, w, bias, *, k: int, n: int, mr: int, rq=None):
     """y[m, n] = x[m, K] @ W[K, N] + bias[n] (int32) with W given packed (see pack_weight);
     with `rq` (see _epilogue) the Requantize of that int32 value instead."""
     m = x.shape[0]
@@ -230,9 +227,7 @@ def dense_te(x, w, bias, *, k: int, n: int, mr: int, rq=None, table=None):
         ),
         name="acc",
     )
-    return te.compute(
-        (m, idx(n)), lambda i, j: _epilogue(acc[i, j] + bias[j], j, rq, table), name="y"
-    )
+    return te.compute((m, idx(n)), lambda i, j: _epilogue(acc[i, j] + bias[j], j, rq), name="y")
 
 
 def bmm_te(a, bm, *, transpose_b: bool, mr: int, nl: int, nt: int, kg: int = 2, rq=None):
@@ -484,11 +479,10 @@ class CpuKernels:
         return apply_cpu_schedules(mod)
 
     def _gemm(
-        self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias: np.ndarray | None, rq=None, table=None
+        self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias: np.ndarray | None, rq=None
     ) -> relax.Expr:
         """[M, K] int8 x constant [K, N] int8 (+ bias) -> [M, N] int32, or Requantize of it when
-        `rq` = (b, c, lo, hi, dtype) (ints, or int32 arrays per column) is folded in, then
-        table[. + 128] when `table` (a 256-entry array, int8 requantized values) is given."""
+        `rq` = (b, c, lo, hi, dtype) (ints, or int32 arrays per column) is folded in."""
         k, n = w_kn.shape
         w8 = w_kn.astype(np.int8)
         wp = relax.const(pack_weight(w8, self.nl, self.nt, self.kg))
@@ -499,13 +493,11 @@ class CpuKernels:
             raise LoweringError(f"int8 GEMM {k}x{n}: bias + VNNI compensation exceeds int32")
         b = relax.const(b64.astype(np.int32))
         per_channel = rq is not None and isinstance(rq[0], np.ndarray)
-        extra = ([rq[0], rq[1]] if per_channel else []) + ([table] if table is not None else [])
+        extra = [rq[0], rq[1]] if per_channel else []
 
         def fn(x, w, c, *ts):
-            it = iter(ts)
-            rq_t = (next(it), next(it), *rq[2:]) if per_channel else rq
-            tab = next(it) if table is not None else None
-            return dense_te(x, w, c, k=k, n=n, mr=self.mr, rq=rq_t, table=tab)
+            rq_t = (ts[0], ts[1], *rq[2:]) if per_channel else rq
+            return dense_te(x, w, c, k=k, n=n, mr=self.mr, rq=rq_t)
 
         name = "int8_dense" + ("_rq" if rq is not None else "") + ("_pc" if per_channel else "")
         return ctx.bb.emit_te(
@@ -514,7 +506,7 @@ class CpuKernels:
             wp,
             b,
             *[relax.const(e) for e in extra],
-            primfunc_name_hint=name + ("_table" if table is not None else ""),
+            primfunc_name_hint=name,
             primfunc_attrs=self._attrs("dense"),
         )
 
@@ -535,18 +527,14 @@ class CpuKernels:
             return _plain_matmul(ctx, node)
         rows = int(np.prod(a_shape[:-1]))
         x2d = ctx.bb.emit(relax.op.reshape(a, (rows, a_shape[-1])))
+        # (a following ShiftGELU table lookup is NOT folded in as well: in the GEMM epilogue the
+        # per-element gather made fc1 2x slower on the Xeon than the GEMM + a separate table
+        # kernel, docs/PERFORMANCE.md)
         rq_node, rq = self._folded_requant(ctx, node, ctx.shapes[node.output[0]])
-        table, last = None, rq_node
-        if rq is not None and rq[4] == "int8":  # Linear -> Requantize -> ShiftGELU (table)
-            gelu = ctx.sole_consumer(rq_node.output[0], "IntGELU")
-            tab = gelu_table(ctx, gelu) if gelu is not None else None
-            if tab is not None:
-                table, last = tab
-                ctx.skipped.update({rq_node.output[0], gelu.output[0]} - {last.output[0]})
-        y = self._gemm(ctx, x2d, w, bias, rq, table)
+        y = self._gemm(ctx, x2d, w, bias, rq)
         out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
-        if last is not None:
-            ctx.bind_folded(last, out)
+        if rq_node is not None:
+            ctx.bind_folded(rq_node, out)
         return out
 
     def batch_matmul(self, ctx, node) -> relax.Expr:

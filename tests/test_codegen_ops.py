@@ -346,9 +346,10 @@ def test_int_add_applies_its_operands_requantize():
 
 
 @pytest.mark.parametrize("requant_after", [True, False])
-def test_dense_requantize_gelu_in_one_kernel(requant_after):
+def test_dense_requantize_gelu_chain(requant_after):
     """Linear -> Requantize(int8, per channel) -> ShiftGELU (-> Requantize): the GEMM epilogue
-    requantizes and looks the result up in the GELU table; equal to the reference's ops."""
+    requantizes, the table kernel applies GELU and the last Requantize; equal to the
+    reference's ops."""
     k, n = 40, 48
     b, c = mult(RNG.uniform(1e-4, 1e-3, n))
     b2, c2 = mult([0.41 / 2**14])
