@@ -114,7 +114,7 @@ def int_layernorm(
     )
     var = te.compute(s2.shape, lambda *i: tirx.max(fp.div_round(s2(*i), n) + eps, 1), name="ln_var")
     # isqrt_newton, one stage per step (an expression tree would double in size every step)
-    root = te.compute(var.shape, lambda *i: var(*i) * 0 + fp.ISQRT_INIT, name="ln_sqrt0")
+    root = te.compute(var.shape, lambda *i: fp.isqrt_init(var(*i), TE), name="ln_sqrt0")
 
     def newton(r: te.Tensor):
         return lambda *i: fp.isqrt_step(r(*i), var(*i), TE)

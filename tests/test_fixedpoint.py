@@ -49,11 +49,25 @@ def test_isqrt_newton_exact_over_domain():
             np.arange(1, 1 << 16),
             rng.integers(1, 1 << fp.ISQRT_DOMAIN_BITS, 50_000),
             [k * k + d for k in (3, 1 << 10, (1 << 20) - 1, 777_777) for d in (-1, 0, 1)],
+            # around every perfect square of a power of two and its neighbours
+            [
+                (k + e) ** 2 + d
+                for k in (1 << np.arange(20))
+                for e in (-1, 0, 1)
+                for d in (-1, 0, 1)
+            ],
             [(1 << fp.ISQRT_DOMAIN_BITS) - 1],
         ]
     ).astype(np.int64)
+    n = n[(n >= 1) & (n < 1 << fp.ISQRT_DOMAIN_BITS)]
     got = fp.isqrt_newton(n)
     assert np.array_equal(got, np.array([math.isqrt(int(v)) for v in n]))
+    # the start is an upper bound, and ISQRT_ITERS - 2 steps already reach the fixed point
+    x = fp.isqrt_init(n)
+    assert np.all(x * x >= n) and np.all(x <= fp.ISQRT_INIT)
+    for _ in range(fp.ISQRT_ITERS - 2):
+        x = fp.isqrt_step(x, n)
+    assert np.array_equal(x, got)
 
 
 def test_exp2_neg_error_bound():
