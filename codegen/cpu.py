@@ -279,21 +279,31 @@ def bmm_te(a, bm, *, transpose_b: bool, mr: int, nl: int, nt: int, kg: int = 2, 
         ),
         name="acc",
     )
-    if not flip:
-        return te.compute((g, m, n), lambda gg, i, j: _epilogue(acc[gg, i, j], j, rq), name="y")
-    kc = te.reduce_axis((idx(0), k if not static(k) else idx(int(k))), name="kc")
-    comp = te.compute(
-        (g, n),
-        lambda gg, j: te.sum(
-            (bm[gg, j, kc] if transpose_b else bm[gg, kc, j]).astype("int32"), axis=[kc]
-        ),
-        name="comp",
-    )
-    return te.compute(
-        (g, m, n),
-        lambda gg, i, j: _epilogue(acc[gg, i, j] - comp[gg, j] * VNNI_FLIP, j, rq),
-        name="y",
-    )
+    comp = None
+    if flip:
+        kc = te.reduce_axis((idx(0), k if not static(k) else idx(int(k))), name="kc")
+        jc = (lambda j: tirx.min(j, n - 1)) if pad_n else (lambda j: j)  # noqa: E731
+        comp = te.compute(
+            (g, np_ if pad_n else n),
+            lambda gg, j: te.sum(
+                (bm[gg, jc(j), kc] if transpose_b else bm[gg, kc, jc(j)]).astype("int32"),
+                axis=[kc],
+            ),
+            name="comp",
+        )
+
+    def value(gg, i, j):
+        v = acc[gg, i, j] if comp is None else acc[gg, i, j] - comp[gg, j] * VNNI_FLIP
+        return _epilogue(v, j, rq)
+
+    if pad_n and (comp is not None or rq is not None):
+        # N padded to the tile: the epilogue arithmetic runs on whole padded tiles ("ep",
+        # vectorized, no per-lane predicate) and only the copy into y is predicated (a
+        # predicated epilogue is scalarised; rq here is per-tensor, so padded lanes index
+        # nothing out of bounds)
+        ep = te.compute((g, mp, np_), value, name="ep")
+        return te.compute((g, m, n), lambda gg, i, j: ep[gg, i, j], name="y")
+    return te.compute((g, m, n), value, name="y")
 
 
 def _vectorize_if_static(sch: Schedule, loop) -> None:
@@ -333,6 +343,13 @@ def _schedule_gemm_core(sch: Schedule, isa: str, mr: int, nt: int, batch: bool) 
     # loop. Keep it "global" scope: a small constant-size global allocation becomes a stack alloca
     # that LLVM promotes to registers, whereas set_scope(acc, 0, "local") makes LowerTVMBuiltin
     # emit TVMBackendAllocWorkspace (heap) per tile, 1.5-5x slower. Tile must stay < 1024 bytes.
+    try:
+        ep = sch.get_sblock("ep")
+    except Exception:  # noqa: BLE001 - no separate epilogue stage
+        ep = None
+    if ep is not None:  # the padded tile's epilogue, per tile, vectorized (see bmm_te)
+        sch.compute_at(ep, outer)
+        sch.vectorize(sch.get_loops(ep)[-1])
     sch.compute_at(acc, outer)
     ai, aj, ko, ki = sch.get_loops(acc)[-4:]
     ajo, aji = sch.split(aj, [None, nl])

@@ -160,8 +160,10 @@ def int_softmax(x: te.Tensor, *, frac_bits: int) -> te.Tensor:
     runs in int32 (exactly the int64 values, see fixedpoint.exp2_neg_arg): d = max - x is
     formed in int64 and capped, then exp2_neg, the row sum (< 2^31 for rows < 2^17) and
     e * recip + 2^21 (<= 2^30 + 2^21) all fit in int32."""
-    mx = _row_reduce(x, lambda r, k: _i64(x(*r, k)), "sm_max", kind="max")
     n = int(x.shape[-1])
+    # the row max in x's own dtype (exact), widened where it is used
+    mx_x = _row_reduce(x, lambda r, k: x(*r, k), "sm_max", kind="max")
+    mx = te.compute(mx_x.shape, lambda *i: _i64(mx_x(*i)), name="sm_max64")
     narrow = frac_bits <= fp.EXP2_I32_MAX_FRAC and n < (1 << (31 - fp.EXP2_BITS - 1))
 
     def exp_at(r, k):
