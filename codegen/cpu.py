@@ -451,8 +451,9 @@ def schedule_rows(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     """One pass per row for a multi-stage row kernel (LayerNorm: sums, variance, isqrt steps,
     magic divisor, normalise; Softmax: max, exp, sum, reciprocal, scale): the last stage's outer
     loops fused and parallel, each earlier stage inlined into its readers when it is elementwise
-    over the whole tensor (no row-sized temporary), else computed at that row loop (per-row
-    scalars). None when the kernel has a single stage or does not fit that shape."""
+    over the whole tensor (no row-sized temporary) unless its name ends in "_row" (a row of
+    values worth keeping, e.g. Softmax's exponentials), else computed at that row loop. None
+    when the kernel has a single stage or does not fit that shape."""
     sch = Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     if len(blocks) < 2:
@@ -468,7 +469,9 @@ def schedule_rows(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         for block in reversed(blocks[:-1]):
             b_iters = sch.get(block).iter_vars
             extent = [int(iv.dom.extent) for iv in b_iters]
-            if extent == out_extent and all(iv.iter_type == 0 for iv in b_iters):
+            name = str(sch.get(block).name_hint)
+            elementwise = extent == out_extent and all(iv.iter_type == 0 for iv in b_iters)
+            if elementwise and not name.endswith("_row"):
                 sch.compute_inline(block)
             else:
                 sch.compute_at(block, row)

@@ -449,9 +449,9 @@ def _int_gelu(ctx: LowerCtx, node, attrs):
     if tab is not None:
         table, last = tab
         out = ctx.emit_te(
-            lambda x, t: te_ops.table_lookup(x, t, 128),
+            lambda x, t: te_ops.table_lookup(x, t, 128, str(table.dtype)),
             ctx.value(node.input[0]),
-            relax.const(table),
+            relax.const(table.astype(np.int32)),  # 32-bit entries: vector gathers
             name="int_gelu_table",
         )
         if last is not node:

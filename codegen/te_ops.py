@@ -173,10 +173,13 @@ def int_softmax(x: te.Tensor, *, frac_bits: int) -> te.Tensor:
         return fp.exp2_neg(fp.exp2_neg_arg(d, frac_bits, TE).astype("int32"), frac_bits, TE)
 
     acc = "int32" if narrow else "int64"
+    # the exponentials once, kept per row (a "_row" stage: schedule_rows computes it inside the
+    # row loop instead of inlining it into both readers)
+    e = te.compute(x.shape, lambda *i: exp_at(i[:-1], i[-1]).astype(acc), name="sm_exp_row")
     k = te.reduce_axis((0, n), name="k_sm_sum")
     s = te.compute(
         (*x.shape[:-1], 1),
-        lambda *i: te.sum(exp_at(i[:-1], k).astype(acc), axis=k),
+        lambda *i: te.sum(e(*i[:-1], k), axis=k),
         name="sm_sum",
     )
     recip = te.compute(
@@ -188,7 +191,7 @@ def int_softmax(x: te.Tensor, *, frac_bits: int) -> te.Tensor:
     return te.compute(
         x.shape,
         lambda *i: tirx.min(
-            (exp_at(i[:-1], i[-1]).astype(acc) * recip(*i[:-1], 0) + (1 << (shift - 1))) >> shift,
+            (e(*i) * recip(*i[:-1], 0) + (1 << (shift - 1))) >> shift,
             (1 << core.SOFTMAX_OUT_BITS) - 1,
         ).astype("uint8"),
         name="int_softmax",
@@ -203,11 +206,15 @@ def int_gelu(x: te.Tensor, *, alpha: int, frac_bits: int) -> te.Tensor:
     )
 
 
-def table_lookup(x: te.Tensor, table: te.Tensor, offset: int) -> te.Tensor:
-    """y = table[x + offset]: an elementwise function of a narrow integer input, tabulated at
-    compile time over every input value by the op's own reference formula."""
+def table_lookup(x: te.Tensor, table: te.Tensor, offset: int, dtype: str | None = None):
+    """y = table[x + offset] (cast to `dtype`): an elementwise function of a narrow integer
+    input, tabulated at compile time over every input value by the op's own reference formula.
+    An int32 table with a narrower `dtype` lets LLVM gather 32-bit entries in vectors (byte
+    entries are gathered one by one)."""
     return te.compute(
-        x.shape, lambda *i: table[x(*i).astype("int32") + offset], name="table_lookup"
+        x.shape,
+        lambda *i: table[x(*i).astype("int32") + offset].astype(dtype or table.dtype),
+        name="table_lookup",
     )
 
 
