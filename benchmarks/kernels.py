@@ -152,7 +152,8 @@ def run(args) -> None:
         mod = tvm.runtime.load_module(so)
         print(f"\n{tag}: {args.threads} threads")
         time_kernels(mod.imports[0], kernels, tvm.cpu())
-        whole_model(so, args.threads)
+        if os.path.exists(os.path.join(args.run, f"{tag}.so")):  # a whole intq artifact
+            whole_model(so, args.threads)
 
 
 def local(args) -> None:
