@@ -252,6 +252,14 @@ def prepare(args) -> None:
         np.save(os.path.join(args.prepare, f"{tag}_x.npy"), x)
         np.save(os.path.join(args.prepare, f"{tag}_ref.npy"), reference_output(lib, x))
         onnx.save(strip_weights(lib.float_onnx), os.path.join(args.prepare, f"{tag}.onnx"))
+        if args.kernels:  # the kernel manifest benchmarks/kernels.py --run profiles this .so by
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from kernels import manifest
+
+            from intq.codegen import compat
+
+            with open(os.path.join(args.prepare, f"{tag}_kernels.json"), "w") as f:
+                json.dump(manifest(lib.integer_onnx, compat.cpu_target(mcpu=args.mcpu)), f)
         meta[tag] = {
             "model": args.model,
             "batch": batch,
@@ -359,6 +367,9 @@ def main() -> None:
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--prepare", metavar="DIR", help="compile and write artifacts, no timing")
     ap.add_argument("--run", metavar="DIR", help="time a --prepare'd DIR (no TVM compiler)")
+    ap.add_argument(
+        "--kernels", action="store_true", help="--prepare: also the kernel manifest (kernels.py)"
+    )
     ap.add_argument("--only", nargs="*", help="--run: only these cases (e.g. deit_small_b1)")
     ap.add_argument("--json", help="--run: write the results here")
     args = ap.parse_args()

@@ -1,67 +1,195 @@
-"""Per-kernel time of a compiled model on cpu-int8: each PrimFunc built and timed alone on
-zero inputs, multiplied by its call count in `main`, grouped by kernel name.
+"""Per-kernel time of a compiled model on cpu-int8: each PrimFunc timed alone on zero inputs,
+multiplied by its call count in `main`, grouped by kernel name.
 
-    python benchmarks/kernels.py --model deit_tiny --batch 1
+    python benchmarks/kernels.py --model deit_tiny --batch 1                 # here
+    python benchmarks/kernels.py --model deit_small --batch 1 8 --export DIR --mcpu cascadelake
+    taskset -c 0,1 python3 kernels.py --run DIR --threads 2                    # runtime only
 
-An estimate of where time goes (data-independent kernels only; no peer: this is a profile).
+--export writes per case the exported model .so and a manifest (kernel names, parameter shapes
+and dtypes, call counts; `benchmarks/cpu.py --prepare DIR --kernels` writes the same manifest
+beside its .so); --run times those kernels through the .so's own library module with the TVM
+runtime alone (no compiler: the device machine). An estimate of where time goes
+(data-independent kernels only; no peer: this is a profile, not a speed claim).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
+import os
 import re
 
 import numpy as np
-import torch
-import tvm
-from tvm import tirx
 
-import intq
-from intq.codegen import compat
-from intq.codegen.cpu import CpuKernels
-from intq.codegen.lower import to_relax
-from intq.models import vit
+MODELS = {
+    "deit_tiny": ("deit_tiny", (3, 224, 224)),
+    "deit_small": ("deit_small", (3, 224, 224)),
+    "vit_digits": ("vit_digits", (1, 8, 8)),
+}
 
-MODELS = {"deit_tiny": (vit.deit_tiny, (3, 224, 224)), "vit_digits": (vit.vit_digits, (1, 8, 8))}
+
+def manifest(integer_onnx, target) -> list[dict]:
+    """[{name, params: [[shape, dtype]], calls}] of every PrimFunc the build of this graph has."""
+    from tvm import tirx
+
+    from intq.codegen import compat
+    from intq.codegen.cpu import CpuKernels
+    from intq.codegen.lower import to_relax
+
+    kernels = CpuKernels(target)
+    mod = compat.lower(kernels.schedule(to_relax(integer_onnx, kernels)), target)
+    main_text = str(mod["main"])
+    out = []
+    for gv, f in mod.functions_items():
+        if not isinstance(f, tirx.PrimFunc):
+            continue
+        name = gv.name_hint
+        # direct calls `name(args)` only (not e.g. the "vm.builtin.reshape" view)
+        calls = len(re.findall(r"(?<![\w.\"])" + re.escape(name) + r"\(", main_text))
+        params = [[[int(s) for s in p.shape], str(p.dtype)] for p in f.params]
+        out.append({"name": name, "params": params, "calls": calls})
+    return out
+
+
+def compile_model(name: str, batch: int, mcpu: str | None):
+    import torch
+
+    import intq
+    from intq.config import CompileConfig
+    from intq.models import vit
+
+    fn, shape = MODELS[name]
+    torch.manual_seed(0)
+    x = torch.randn(batch, *shape)
+    return intq.compile(
+        getattr(vit, fn)().eval(), x, calibration=[x], config=CompileConfig(cpu_mcpu=mcpu)
+    )
+
+
+def time_kernels(lib, kernels: list[dict], dev, number: int = 5, repeat: int = 3) -> None:
+    """Time each kernel of `lib` (a library module) on zero inputs; print the grouped table."""
+    import tvm
+
+    total: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+    for k in kernels:
+        if k["calls"] == 0:
+            continue
+        bufs = [tvm.runtime.tensor(np.zeros(shape, dtype), dev) for shape, dtype in k["params"]]
+        ev = lib.time_evaluator(k["name"], dev, number=number, repeat=repeat)
+        ms = ev(*bufs).mean * 1e3
+        group = re.sub(r"\d+$", "", k["name"]).rstrip("_")
+        total[group] += ms * k["calls"]
+        calls[group] += k["calls"]
+    whole = sum(total.values())
+    print(f"sum of kernel estimates {whole:.2f} ms")
+    for group, ms in total.most_common():
+        print(f"{group:24s} {ms:8.2f} ms {100 * ms / whole:5.1f} %  ({calls[group]} calls)")
+
+
+def whole_model(so: str, threads: int, calls: int = 20) -> None:
+    """The same model end to end, for comparison with the kernel sum: `main` of the VM alone on
+    an already quantized (zero) input, and Executor.run on a float input (input quantizer and
+    output copy included). Medians of `calls` calls."""
+    import time
+
+    import tvm
+
+    from intq import boundary, runtime
+    from intq.codegen import compat
+
+    ex = runtime.load(so, threads=threads)
+    xs = [np.zeros(s.shape, np.float32) for s in ex.signature.inputs]
+    q = boundary.quantize_inputs(ex.signature.inputs, xs)
+    args = [compat.to_device_tensor(a, tvm.cpu()) for a in q]
+    main = ex._vm["main"]
+
+    def median_ms(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t)
+        return float(np.median(samples)) * 1e3
+
+    print(
+        f"whole model: VM main {median_ms(lambda: main(*args)):.2f} ms, "
+        f"Executor.run {median_ms(lambda: ex.run(*xs)):.2f} ms"
+    )
+
+
+def export(args) -> None:
+    from intq.codegen import compat
+
+    os.makedirs(args.export, exist_ok=True)
+    for batch in args.batch:
+        tag = f"{args.model}_b{batch}"
+        lib = compile_model(args.model, batch, args.mcpu)
+        so = os.path.join(args.export, f"{tag}_kernels.so")
+        lib.export(so)
+        target = compat.cpu_target(mcpu=args.mcpu)
+        with open(os.path.join(args.export, f"{tag}_kernels.json"), "w") as f:
+            json.dump(manifest(lib.integer_onnx, target), f)
+        print(f"{tag}: exported {so}")
+
+
+def run(args) -> None:
+    import tvm
+
+    from intq.codegen import compat
+
+    compat.set_num_threads(args.threads)
+    for fname in sorted(os.listdir(args.run)):
+        if not fname.endswith("_kernels.json"):
+            continue
+        tag = fname[: -len("_kernels.json")]
+        kernels = json.load(open(os.path.join(args.run, fname)))
+        so = os.path.join(args.run, f"{tag}_kernels.so")
+        if not os.path.exists(so):  # written by benchmarks/cpu.py --prepare --kernels
+            so = os.path.join(args.run, f"{tag}.so")
+        mod = tvm.runtime.load_module(so)
+        print(f"\n{tag}: {args.threads} threads")
+        time_kernels(mod.imports[0], kernels, tvm.cpu())
+        if os.path.exists(os.path.join(args.run, f"{tag}.so")):  # a whole intq artifact
+            whole_model(so, args.threads)
+
+
+def local(args) -> None:
+    import tvm
+
+    from intq.codegen import compat
+
+    compat.set_num_threads(args.threads)
+    for batch in args.batch:
+        lib = compile_model(args.model, batch, None)
+        kernels = manifest(lib.integer_onnx, compat.cpu_target())
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as wd:
+            so = os.path.join(wd, "m.so")
+            lib.export(so)
+            mod = tvm.runtime.load_module(so)
+            print(f"{args.model} batch {batch}: {args.threads} threads")
+            time_kernels(mod.imports[0], kernels, tvm.cpu())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", choices=sorted(MODELS), default="deit_tiny")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--mcpu", default=None, help="--export: LLVM CPU to compile for")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--export", metavar="DIR")
+    ap.add_argument("--run", metavar="DIR")
     args = ap.parse_args()
-    make, shape = MODELS[args.model]
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, *shape)
-    lib = intq.compile(make().eval(), x, calibration=[x])
-    target = compat.cpu_target()
-    compat.set_num_threads(len(__import__("os").sched_getaffinity(0)))
-    kernels = CpuKernels(target)
-    mod = compat.lower(kernels.schedule(to_relax(lib.integer_onnx, kernels)), target)
-    main_text = str(mod["main"])
-    total: collections.Counter[str] = collections.Counter()
-    calls: collections.Counter[str] = collections.Counter()
-    dev = tvm.cpu()
-    for gv, f in mod.functions_items():
-        if not isinstance(f, tirx.PrimFunc):
-            continue
-        name = gv.name_hint
-        n = len(re.findall(r"\b" + re.escape(name) + r"\b", main_text)) or 1
-        single = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
-        ex = tvm.compile(single, target=target)
-        bufs = [
-            tvm.runtime.tensor(np.zeros([int(s) for s in p.shape], str(p.dtype)), dev)
-            for p in f.params
-        ]
-        ms = ex.jit().time_evaluator("main", dev, number=5, repeat=3)(*bufs).mean * 1e3
-        group = re.sub(r"\d+$", "", name).rstrip("_")
-        total[group] += ms * n
-        calls[group] += n
-    whole = sum(total.values())
-    print(f"{args.model} batch {args.batch}: sum of kernel estimates {whole:.2f} ms")
-    for group, ms in total.most_common():
-        print(f"{group:24s} {ms:8.2f} ms {100 * ms / whole:5.1f} %  ({calls[group]} calls)")
+    if args.export:
+        export(args)
+    elif args.run:
+        run(args)
+    else:
+        local(args)
 
 
 if __name__ == "__main__":

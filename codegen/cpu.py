@@ -13,6 +13,7 @@ bit for bit.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import Schedule, TensorIntrin
@@ -188,8 +189,18 @@ def _index_dtype(e) -> str:
     return "int32" if isinstance(e, int) else str(e.ty.dtype)
 
 
-def dense_te(x, w, bias, *, k: int, n: int, mr: int):
-    """y[m, n] = x[m, K] @ W[K, N] + bias[n] (int32) with W given packed (see pack_weight)."""
+def _epilogue(v, j, rq):
+    """The GEMM's output element: int32 `v`, or Requantize(v) when `rq` = (b, c, lo, hi, dtype)
+    (b, c ints or per-column te.Tensors indexed by the column j) is folded in."""
+    if rq is None:
+        return v
+    b, c, lo, hi, dt = rq
+    return te_ops.requant_expr(v, b, c, lo, hi, dt, ch=j)
+
+
+def dense_te(x, w, bias, *, k: int, n: int, mr: int, rq=None):
+    """y[m, n] = x[m, K] @ W[K, N] + bias[n] (int32) with W given packed (see pack_weight);
+    with `rq` (see _epilogue) the Requantize of that int32 value instead."""
     m = x.shape[0]
     # One index dtype for every extent (emit_te uses int64): mixed int32/int64 bindings are not
     # quasi-affine and decompose_reduction / tensorize refuse the block.
@@ -216,14 +227,14 @@ def dense_te(x, w, bias, *, k: int, n: int, mr: int):
         ),
         name="acc",
     )
-    return te.compute((m, idx(n)), lambda i, j: acc[i, j] + bias[j], name="y")
+    return te.compute((m, idx(n)), lambda i, j: _epilogue(acc[i, j] + bias[j], j, rq), name="y")
 
 
-def bmm_te(a, bm, *, transpose_b: bool, mr: int, nl: int, nt: int, kg: int = 2):
+def bmm_te(a, bm, *, transpose_b: bool, mr: int, nl: int, nt: int, kg: int = 2, rq=None):
     """out[g, m, n] = sum_k a[g, m, k] * B[g, k, n] (int8 x int8 -> int32); B given as (G, K, N), or
     as (G, N, K) when transpose_b (e.g. keys for Q K^T). B is packed inside the kernel.
     kg=4 (VNNI): a int8 is fed as a + 128 and 128 * comp[g, n] = 128 * sum_k B[g, k, n] is taken off
-    in the epilogue; a uint8 (softmax probabilities) goes in unchanged."""
+    in the epilogue; a uint8 (softmax probabilities) goes in unchanged. `rq`: see _epilogue."""
     g, m, k = a.shape
     n = bm.shape[1] if transpose_b else bm.shape[2]
     vnni = kg == 4
@@ -268,17 +279,31 @@ def bmm_te(a, bm, *, transpose_b: bool, mr: int, nl: int, nt: int, kg: int = 2):
         ),
         name="acc",
     )
-    if not flip:
-        return te.compute((g, m, n), lambda gg, i, j: acc[gg, i, j], name="y")
-    kc = te.reduce_axis((idx(0), k if not static(k) else idx(int(k))), name="kc")
-    comp = te.compute(
-        (g, n),
-        lambda gg, j: te.sum(
-            (bm[gg, j, kc] if transpose_b else bm[gg, kc, j]).astype("int32"), axis=[kc]
-        ),
-        name="comp",
-    )
-    return te.compute((g, m, n), lambda gg, i, j: acc[gg, i, j] - comp[gg, j] * VNNI_FLIP, name="y")
+    comp = None
+    if flip:
+        kc = te.reduce_axis((idx(0), k if not static(k) else idx(int(k))), name="kc")
+        jc = (lambda j: tirx.min(j, n - 1)) if pad_n else (lambda j: j)  # noqa: E731
+        comp = te.compute(
+            (g, np_ if pad_n else n),
+            lambda gg, j: te.sum(
+                (bm[gg, jc(j), kc] if transpose_b else bm[gg, kc, jc(j)]).astype("int32"),
+                axis=[kc],
+            ),
+            name="comp",
+        )
+
+    def value(gg, i, j):
+        v = acc[gg, i, j] if comp is None else acc[gg, i, j] - comp[gg, j] * VNNI_FLIP
+        return _epilogue(v, j, rq)
+
+    if pad_n and (comp is not None or rq is not None):
+        # N padded to the tile: the epilogue arithmetic runs on whole padded tiles ("ep",
+        # vectorized, no per-lane predicate) and only the copy into y is predicated (a
+        # predicated epilogue is scalarised; rq here is per-tensor, so padded lanes index
+        # nothing out of bounds)
+        ep = te.compute((g, mp, np_), value, name="ep")
+        return te.compute((g, m, n), lambda gg, i, j: ep[gg, i, j], name="y")
+    return te.compute((g, m, n), value, name="y")
 
 
 #: Widest vector a packing loop is turned into in one piece. LLVM's codegen time grows much
@@ -336,6 +361,13 @@ def _schedule_gemm_core(sch: Schedule, isa: str, mr: int, nt: int, batch: bool) 
     # loop. Keep it "global" scope: a small constant-size global allocation becomes a stack alloca
     # that LLVM promotes to registers, whereas set_scope(acc, 0, "local") makes LowerTVMBuiltin
     # emit TVMBackendAllocWorkspace (heap) per tile, 1.5-5x slower. Tile must stay < 1024 bytes.
+    try:
+        ep = sch.get_sblock("ep")
+    except Exception:  # noqa: BLE001 - no separate epilogue stage
+        ep = None
+    if ep is not None:  # the padded tile's epilogue, per tile, vectorized (see bmm_te)
+        sch.compute_at(ep, outer)
+        sch.vectorize(sch.get_loops(ep)[-1])
     sch.compute_at(acc, outer)
     ai, aj, ko, ki = sch.get_loops(acc)[-4:]
     ajo, aji = sch.split(aj, [None, nl])
@@ -411,8 +443,13 @@ def apply_cpu_schedules(mod: tvm.IRModule) -> tvm.IRModule:
 
 def schedule_parallel_outer(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Generic schedule for elementwise / row-reduction kernels (requantize, LayerNorm, Softmax,
-    GELU, add): every block's spatial loops except the innermost are fused and run in parallel;
-    the innermost spatial loop is vectorized when it holds no reduction below it."""
+    GELU, add). A kernel of several stages whose last stage walks rows x columns runs as ONE
+    parallel loop over rows (schedule_rows: every earlier stage computed per row, or inlined);
+    otherwise every stage's spatial loops except the innermost are fused and run in parallel.
+    LLVM vectorizes the innermost loops itself."""
+    fused = schedule_rows(func)
+    if fused is not None:
+        return fused
     sch = Schedule(func)
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         loops = sch.get_loops(block)
@@ -425,6 +462,40 @@ def schedule_parallel_outer(func: tirx.PrimFunc) -> tirx.PrimFunc:
         outer = spatial[:-1] if len(spatial) > 1 else spatial
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
+    return compat.mark_scheduled(sch.mod["main"])
+
+
+def schedule_rows(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """One pass per row for a multi-stage row kernel (LayerNorm: sums, variance, isqrt steps,
+    magic divisor, normalise; Softmax: max, exp, sum, reciprocal, scale): the last stage's outer
+    loops fused and parallel, each earlier stage inlined into its readers when it is elementwise
+    over the whole tensor (no row-sized temporary) unless its name ends in "_row" (a row of
+    values worth keeping, e.g. Softmax's exponentials), else computed at that row loop. None
+    when the kernel has a single stage or does not fit that shape."""
+    sch = Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if len(blocks) < 2:
+        return None
+    last = blocks[-1]
+    loops = sch.get_loops(last)
+    iters = sch.get(last).iter_vars
+    if len(loops) < 2 or any(iv.iter_type != 0 for iv in iters):
+        return None
+    out_extent = [int(iv.dom.extent) for iv in iters]
+    try:
+        row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        for block in reversed(blocks[:-1]):
+            b_iters = sch.get(block).iter_vars
+            extent = [int(iv.dom.extent) for iv in b_iters]
+            name = str(sch.get(block).name_hint)
+            elementwise = extent == out_extent and all(iv.iter_type == 0 for iv in b_iters)
+            if elementwise and not name.endswith("_row"):
+                sch.compute_inline(block)
+            else:
+                sch.compute_at(block, row)
+        sch.parallel(row)
+    except Exception:  # noqa: BLE001 - not a row kernel: the caller's per-stage schedule
+        return None
     return compat.mark_scheduled(sch.mod["main"])
 
 
@@ -453,9 +524,16 @@ class CpuKernels:
         return apply_cpu_schedules(mod)
 
     def _gemm(
-        self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias: np.ndarray | None, isa: str = ""
+        self,
+        ctx,
+        x2d: relax.Expr,
+        w_kn: np.ndarray,
+        bias: np.ndarray | None,
+        rq=None,
+        isa: str = "",
     ) -> relax.Expr:
-        """[M, K] int8 (or int16) x constant [K, N] int8 (+ bias) -> [M, N] int32."""
+        """[M, K] int8 (or int16) x constant [K, N] int8 (+ bias) -> [M, N] int32, or Requantize
+        of it when `rq` = (b, c, lo, hi, dtype) (ints, or int32 arrays per column) is folded in."""
         isa = isa or self.isa
         _, nl, mr, nt = ISA_PARAMS[isa]
         kg = KGROUP.get(isa, 2)
@@ -468,14 +546,31 @@ class CpuKernels:
         if np.abs(b64).max(initial=0) >= 2**31:
             raise LoweringError(f"int8 GEMM {k}x{n}: bias + VNNI compensation exceeds int32")
         b = relax.const(b64.astype(np.int32))
+        per_channel = rq is not None and isinstance(rq[0], np.ndarray)
+        extra = [rq[0], rq[1]] if per_channel else []
+
+        def fn(x, w, c, *ts):
+            rq_t = (ts[0], ts[1], *rq[2:]) if per_channel else rq
+            return dense_te(x, w, c, k=k, n=n, mr=mr, rq=rq_t)
+
+        name = "int8_dense" + ("_rq" if rq is not None else "") + ("_pc" if per_channel else "")
         return ctx.bb.emit_te(
-            lambda x, w, c: dense_te(x, w, c, k=k, n=n, mr=mr),
+            fn,
             x2d,
             wp,
             b,
-            primfunc_name_hint="int8_dense",
+            *[relax.const(e) for e in extra],
+            primfunc_name_hint=name,
             primfunc_attrs=self._attrs("dense", isa),
         )
+
+    def _folded_requant(self, ctx, node, out_shape) -> tuple[onnx.NodeProto | None, tuple | None]:
+        """The Requantize that alone reads `node`'s output and can run in its epilogue."""
+        rq_node = ctx.sole_consumer(node.output[0], "Requantize")
+        if rq_node is None:
+            return None, None
+        rq = ctx.last_axis_requant(rq_node, len(out_shape), int(out_shape[-1]))
+        return (rq_node, rq) if rq is not None else (None, None)
 
     def dense(self, ctx, node) -> relax.Expr:
         a_shape = ctx.shapes[node.input[0]]
@@ -487,8 +582,15 @@ class CpuKernels:
             return _plain_matmul(ctx, node)
         rows = int(np.prod(a_shape[:-1]))
         x2d = ctx.bb.emit(relax.op.reshape(a, (rows, a_shape[-1])))
-        y = self._gemm(ctx, x2d, w, bias, isa)
-        return ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
+        # (a following ShiftGELU table lookup is NOT folded in as well: in the GEMM epilogue the
+        # per-element gather made fc1 2x slower on the Xeon than the GEMM + a separate table
+        # kernel, docs/PERFORMANCE.md)
+        rq_node, rq = self._folded_requant(ctx, node, ctx.shapes[node.output[0]])
+        y = self._gemm(ctx, x2d, w, bias, rq, isa)
+        out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
+        if rq_node is not None:
+            ctx.bind_folded(rq_node, out)
+        return out
 
     def batch_matmul(self, ctx, node) -> relax.Expr:
         sa, sb = ctx.shapes[node.input[0]], ctx.shapes[node.input[1]]
@@ -504,14 +606,22 @@ class CpuKernels:
             ctx.dtypes[node.input[1]] != "int8" or ctx.dtypes[node.input[0]] == "int16"
         ):
             kg, attrs = 2, {**attrs, "intq.isa": "avx512"}
+        rq_node, rq = self._folded_requant(ctx, node, ctx.shapes[node.output[0]])
+        if rq is not None and isinstance(rq[0], np.ndarray):
+            rq_node, rq = None, None  # per-column requantization after a bmm: not folded
         y = ctx.bb.emit_te(
-            lambda x, y: bmm_te(x, y, transpose_b=False, mr=self.mr, nl=self.nl, nt=self.nt, kg=kg),
+            lambda x, y: bmm_te(
+                x, y, transpose_b=False, mr=self.mr, nl=self.nl, nt=self.nt, kg=kg, rq=rq
+            ),
             a3,
             b3,
-            primfunc_name_hint="int8_bmm",
+            primfunc_name_hint="int8_bmm" if rq is None else "int8_bmm_rq",
             primfunc_attrs=attrs,
         )
-        return ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
+        out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
+        if rq_node is not None:
+            ctx.bind_folded(rq_node, out)
+        return out
 
     def conv2d(self, ctx, node, attrs) -> relax.Expr:
         xs, ws = ctx.shapes[node.input[0]], ctx.shapes[node.input[1]]

@@ -6,7 +6,7 @@ TE computes (codegen/te_ops.py) placed with `emit_te`, so their arithmetic is th
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +19,8 @@ from intq.codegen import te_ops
 from intq.errors import LoweringError
 from intq.ir import topo_sort
 from intq.ops import lookup
-from intq.ops.core import out_dtype, requant_bounds
-from intq.ops.fixedpoint import dtype_bounds
+from intq.ops.core import gelu_core, out_dtype, requant_bounds
+from intq.ops.fixedpoint import dtype_bounds, requantize_dyadic
 
 Lowering = Callable[["LowerCtx", onnx.NodeProto, dict[str, Any]], relax.Expr]
 _LOWERINGS: dict[str, Lowering] = {}
@@ -61,6 +61,64 @@ class LowerCtx:
     dtypes: dict[str, str]
     env: dict[str, relax.Expr] = field(default_factory=dict)
     kernels: Any = None  # target kernel library (schedules); None -> plain TE computes
+    # tensor name -> the nodes reading it; names of the graph outputs (for epilogue fusion)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    producers: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    graph_outputs: frozenset[str] = frozenset()
+    folded: set[str] = field(default_factory=set)  # outputs of nodes run in another kernel
+    skipped: set[str] = field(default_factory=set)  # outputs never materialised (fused away)
+
+    def bind_folded(self, node: onnx.NodeProto, value: relax.Expr) -> None:
+        """`node` runs inside the kernel that computed `value` (its epilogue)."""
+        self.env[node.output[0]] = value
+        self.folded.add(node.output[0])
+
+    def fusable_requant(self, tensor: str) -> tuple[str, tuple] | None:
+        """(input name, (b, c, lo, hi, dtype)) when `tensor` is the output of a per-tensor
+        Requantize that no kernel has absorbed yet, so that a reader may apply it itself (the
+        Requantize's own kernel then goes unused and dead-code elimination drops it)."""
+        node = self.producers.get(tensor)
+        if node is None or node.op_type != "Requantize" or tensor in self.folded:
+            return None
+        rq = self.per_tensor_requant(node)
+        return (node.input[0], rq) if rq is not None else None
+
+    def sole_consumer(self, tensor: str, op_type: str) -> onnx.NodeProto | None:
+        """The node of type `op_type` that is the only reader of `tensor` (and `tensor` is no
+        graph output), else None. A lowering that folds that node into its own kernel (an
+        epilogue) binds the node's output in `env`; the driver then skips the node."""
+        users = self.consumers.get(tensor, [])
+        if tensor in self.graph_outputs or len(users) != 1 or users[0].op_type != op_type:
+            return None
+        return users[0]
+
+    def per_tensor_requant(self, node: onnx.NodeProto) -> tuple[int, int, int, int, str] | None:
+        """(b, c, lo, hi, dtype) of a Requantize node with a constant scalar multiplier and
+        shift, else None."""
+        if node.input[1] not in self.consts or node.input[2] not in self.consts:
+            return None
+        b, c = self.consts[node.input[1]], self.consts[node.input[2]]
+        if b.size != 1 or c.size != 1:
+            return None
+        attrs = lookup(node).attrs_of(node)
+        lo, hi = requant_bounds(attrs)
+        return int(b.reshape(())), int(c.reshape(())), lo, hi, out_dtype(attrs).name
+
+    def last_axis_requant(self, node: onnx.NodeProto, ndim: int, channels: int) -> tuple | None:
+        """(b, c, lo, hi, dtype) of a Requantize node that a kernel producing an `ndim`-D tensor
+        with `channels` on its last axis can apply in its epilogue: b, c python ints (per-tensor)
+        or int32 arrays of length `channels` (per-channel along the last axis); else None."""
+        if node.input[1] not in self.consts or node.input[2] not in self.consts:
+            return None
+        b, c = self.consts[node.input[1]].reshape(-1), self.consts[node.input[2]].reshape(-1)
+        attrs = lookup(node).attrs_of(node)
+        lo, hi = requant_bounds(attrs)
+        dt = out_dtype(attrs).name
+        if b.size == 1 and c.size == 1:
+            return int(b[0]), int(c[0]), lo, hi, dt
+        if b.size != channels or c.size != channels or int(attrs["axis"]) % ndim != ndim - 1:
+            return None
+        return b.astype(np.int32), c.astype(np.int32), lo, hi, dt
 
     def value(self, name: str) -> relax.Expr:
         if name in self.env:
@@ -106,11 +164,21 @@ def to_relax(model: onnx.ModelProto, kernels: Any = None) -> tvm.IRModule:  # no
     bb = relax.BlockBuilder()
     names = [i.name for i in g.input if i.name not in consts]
     params = [relax.Var(n, relax.TensorType(list(shapes[n]), dtypes[n])) for n in names]
-    ctx = LowerCtx(bb, consts, shapes, dtypes, kernels=kernels)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in node.input:
+            if i:
+                consumers.setdefault(i, []).append(node)
+    outputs = frozenset(o.name for o in g.output)
+    ctx = LowerCtx(bb, consts, shapes, dtypes, kernels=kernels, consumers=consumers)
+    ctx.producers = {o: node for node in g.node for o in node.output if o}
+    ctx.graph_outputs = outputs
     with bb.function("main", params):
         with bb.dataflow():
             ctx.env.update(zip(names, params, strict=True))
             for node in topo_sort(g):
+                if node.output[0] in ctx.env or node.output[0] in ctx.skipped:
+                    continue  # folded into its producer's kernel
                 op = lookup(node)
                 fn = _LOWERINGS.get(node.op_type)
                 if fn is None:
@@ -128,7 +196,9 @@ def to_relax(model: onnx.ModelProto, kernels: Any = None) -> tvm.IRModule:  # no
             result = outs[0] if len(outs) == 1 else relax.Tuple(outs)
             gv = bb.emit_output(result)
         bb.emit_func_output(gv)
-    return bb.get()
+    # kernels whose readers all computed their value themselves (a Requantize applied by its
+    # reader, data movement read through an index map) are dropped here
+    return relax.transform.DeadCodeElimination(["main"])(bb.get())
 
 
 # ------------------------------------------------------------------ data movement (Relax ops)
@@ -190,6 +260,73 @@ def _slice(ctx: LowerCtx, node, attrs):
     )
 
 
+# ------------------------------------------------------------------ index maps of data movement
+# A kernel that reads a tensor produced by pure data movement (reshape / transpose / a gather of
+# one constant index) reads the movement's source through the composed index map instead, so
+# the moved copy is never written (and is dropped when nothing else reads it).
+IndexMap = Callable[[list], list]
+_RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+def _strides(shape: Sequence[int]) -> list[int]:
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= int(d)
+    return out[::-1]
+
+
+def _movement_step(ctx: LowerCtx, node: onnx.NodeProto) -> IndexMap | None:
+    """out index -> in index of one data-movement node, or None if it is not one we map."""
+    src_shape, out_shape = ctx.shapes[node.input[0]], ctx.shapes[node.output[0]]
+    if node.op_type in _RESHAPES:
+        so, si = _strides(out_shape), _strides(src_shape)
+
+        def reshape(idx):
+            flat = sum((i * s for i, s in zip(idx, so, strict=True) if s), 0)
+            return [(flat // s) % int(d) for s, d in zip(si, src_shape, strict=True)]
+
+        return reshape
+    if node.op_type == "Transpose":
+        perm = list(lookup(node).attrs_of(node)["perm"] or range(len(src_shape))[::-1])
+
+        def transpose(idx):
+            src = [None] * len(idx)
+            for k, p in enumerate(perm):
+                src[p] = idx[k]
+            return src
+
+        return transpose
+    if node.op_type == "Gather" and node.input[1] in ctx.consts:
+        ind = ctx.consts[node.input[1]]
+        if ind.ndim != 0:
+            return None
+        axis = int(lookup(node).attrs_of(node)["axis"]) % len(src_shape)
+        pos = int(ind) % int(src_shape[axis])
+        return lambda idx: [*idx[:axis], pos, *idx[axis:]]
+    return None
+
+
+def movement_source(ctx: LowerCtx, tensor: str) -> tuple[str, IndexMap]:
+    """(source, index map): the nearest tensor that `tensor` is a pure data-movement view of
+    (itself, with the identity map, when it is computed by a kernel)."""
+    maps: list[IndexMap] = []
+    while tensor not in ctx.folded:
+        node = ctx.producers.get(tensor)
+        step = _movement_step(ctx, node) if node is not None else None
+        if step is None or node.input[0] in ctx.consts:
+            break
+        maps.append(step)
+        tensor = node.input[0]
+
+    def index(idx):
+        for step in maps:
+            idx = step(list(idx))
+        return idx
+
+    return tensor, index
+
+
 # ------------------------------------------------------------------ intq ops (TE computes)
 def _vec_or_int(ctx: LowerCtx, name: str):
     v = ctx.const(name)
@@ -204,8 +341,11 @@ def _requantize(ctx: LowerCtx, node, attrs):
     dt = out_dtype(attrs).name
     bi, bv = _vec_or_int(ctx, node.input[1])
     ci, cv = _vec_or_int(ctx, node.input[2])
-    x = ctx.value(node.input[0])
     kw = dict(axis=int(attrs["axis"]), dtype=dt, lo=lo, hi=hi)
+    src, index = movement_source(ctx, node.input[0])
+    if src != node.input[0]:  # read the data movement's source through its index map
+        kw.update(shape=ctx.shapes[node.input[0]], index=index)
+    x = ctx.value(src)
     if bv is None and cv is None:
         return ctx.emit_te(lambda t: te_ops.requantize(t, bi, ci, **kw), x, name="requantize")
     b = relax.const(ctx.const(node.input[1]).reshape(-1).astype("int32"))
@@ -220,23 +360,54 @@ def _int_add(ctx: LowerCtx, node, attrs):
     dt = out_dtype(attrs).name
     lo, hi = dtype_bounds(dt)
     shape = ctx.shapes[node.output[0]]
+    args, rqs = [], []
+    for name in node.input[:2]:  # a per-tensor Requantize read only here is applied here
+        fr = ctx.fusable_requant(name)
+        if (
+            fr is not None
+            and len(ctx.consumers.get(name, [])) == 1
+            and name not in ctx.graph_outputs
+        ):
+            args.append(ctx.value(fr[0]))
+            rqs.append(fr[1])
+        else:
+            args.append(ctx.value(name))
+            rqs.append(None)
     return ctx.emit_te(
-        lambda a, b: te_ops.int_add(a, b, shape, dt, lo, hi),
-        ctx.value(node.input[0]),
-        ctx.value(node.input[1]),
+        lambda a, b: te_ops.int_add(a, b, shape, dt, lo, hi, rqs[0], rqs[1]),
+        *args,
         name="int_add",
     )
 
 
 @lowering("IntLayerNorm")
 def _int_layernorm(ctx: LowerCtx, node, attrs):
-    return ctx.emit_te(
-        lambda x, g, b: te_ops.int_layernorm(
-            x, g, b, eps=int(attrs["epsilon"]), frac_bits=int(attrs["frac_bits"])
-        ),
-        *(ctx.value(i) for i in node.input),
-        name="int_layernorm",
-    )
+    """One kernel; a following Requantize that alone reads the output runs in its last stage."""
+    kw = dict(eps=int(attrs["epsilon"]), frac_bits=int(attrs["frac_bits"]))
+    shape = ctx.shapes[node.output[0]]
+    args = [ctx.value(i) for i in node.input]
+    rq_node = ctx.sole_consumer(node.output[0], "Requantize")
+    rq = ctx.last_axis_requant(rq_node, len(shape), shape[-1]) if rq_node is not None else None
+    if rq is None:
+        return ctx.emit_te(
+            lambda x, g, b: te_ops.int_layernorm(x, g, b, **kw), *args, name="int_layernorm"
+        )
+    if isinstance(rq[0], np.ndarray):
+        out = ctx.emit_te(
+            lambda x, g, b, tb, tc: te_ops.int_layernorm(x, g, b, rq=(tb, tc, *rq[2:]), **kw),
+            *args,
+            relax.const(rq[0]),
+            relax.const(rq[1]),
+            name="int_layernorm_rq",
+        )
+    else:
+        out = ctx.emit_te(
+            lambda x, g, b: te_ops.int_layernorm(x, g, b, rq=rq, **kw),
+            *args,
+            name="int_layernorm_rq",
+        )
+    ctx.bind_folded(rq_node, out)
+    return out
 
 
 @lowering("IntSoftmax")
@@ -248,8 +419,44 @@ def _int_softmax(ctx: LowerCtx, node, attrs):
     )
 
 
+def _requantize_table(table: np.ndarray, rq: tuple[int, int, int, int, str]) -> np.ndarray:
+    """Requantize (per-tensor b, c, lo, hi, dtype) applied to a table of int values: the op's
+    reference formula."""
+    b, c, lo, hi, dt = rq
+    return requantize_dyadic(table.astype(np.int64), b, c, lo, hi).astype(dt)
+
+
+def gelu_table(ctx: LowerCtx, node: onnx.NodeProto) -> tuple[np.ndarray, onnx.NodeProto] | None:
+    """For an IntGELU of int8 input: (table, last node) where table[v + 128] is the reference's
+    gelu_core(v) for every int8 v, with the following per-tensor Requantize composed in when it
+    is the only reader (last node = that Requantize, else the IntGELU); None otherwise."""
+    if ctx.dtypes.get(node.input[0]) != "int8":
+        return None
+    attrs = lookup(node).attrs_of(node)
+    values = np.arange(-128, 128, dtype=np.int64)
+    table = gelu_core(values, int(attrs["alpha"]), int(attrs["frac_bits"])).astype(np.int32)
+    rq_node = ctx.sole_consumer(node.output[0], "Requantize")
+    rq = ctx.per_tensor_requant(rq_node) if rq_node is not None else None
+    if rq is None:
+        return table, node
+    return _requantize_table(table, rq), rq_node
+
+
 @lowering("IntGELU")
 def _int_gelu(ctx: LowerCtx, node, attrs):
+    """int8 input: a 256-entry table (gelu_table); else the TE formula."""
+    tab = gelu_table(ctx, node)
+    if tab is not None:
+        table, last = tab
+        out = ctx.emit_te(
+            lambda x, t: te_ops.table_lookup(x, t, 128, str(table.dtype)),
+            ctx.value(node.input[0]),
+            relax.const(table.astype(np.int32)),  # 32-bit entries: vector gathers
+            name="int_gelu_table",
+        )
+        if last is not node:
+            ctx.bind_folded(last, out)
+        return out
     return ctx.emit_te(
         lambda x: te_ops.int_gelu(x, alpha=int(attrs["alpha"]), frac_bits=int(attrs["frac_bits"])),
         ctx.value(node.input[0]),

@@ -91,7 +91,7 @@ def int_masked_mean(x: te.Tensor, mask: te.Tensor) -> te.Tensor:
 def int_l2_normalize(x: te.Tensor, *, frac_bits: int) -> te.Tensor:
     sq = _row_reduce(x, lambda r, k: _i64(x(*r, k)) * _i64(x(*r, k)), "l2_sumsq")
     n = te.compute(sq.shape, lambda *i: tirx.max(sq(*i), 1), name="l2_n")
-    root = te.compute(n.shape, lambda *i: n(*i) * 0 + fp.ISQRT_INIT, name="l2_sqrt0")
+    root = te.compute(n.shape, lambda *i: fp.isqrt_init(n(*i), TE), name="l2_sqrt0")
 
     def newton(r: te.Tensor):
         return lambda *i: fp.isqrt_step(r(*i), n(*i), TE)

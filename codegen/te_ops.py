@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import tvm
 from tvm import te, tirx
 
 from intq.ops import core
@@ -34,27 +35,55 @@ def _i64(x):
     return x.astype("int64")
 
 
-def requantize(x: te.Tensor, b, c, *, axis: int, dtype: str, lo: int, hi: int) -> te.Tensor:
-    """`b`, `c`: python ints (per-tensor) or 1-D te.Tensors indexed along `axis`."""
-    nd = len(x.shape)
+def requant_expr(v, b, c, lo: int, hi: int, dtype: str, ch=None):
+    """Requantize of one int expression `v` (fixedpoint.requantize_dyadic): `b`, `c` python ints,
+    or te.Tensors indexed by the channel index `ch`."""
+    bb = _i64(b[ch]) if isinstance(b, te.Tensor) else tirx.const(int(b), "int64")
+    cc = _i64(c[ch]) if isinstance(c, te.Tensor) else tirx.const(int(c), "int64")
+    return fp.requantize_dyadic(_i64(v), bb, cc, lo, hi, TE).astype(dtype)
+
+
+def requantize(
+    x: te.Tensor, b, c, *, axis: int, dtype: str, lo: int, hi: int, shape=None, index=None
+) -> te.Tensor:
+    """`b`, `c`: python ints (per-tensor) or 1-D te.Tensors indexed along `axis`. With `shape`
+    and `index` (out index -> index into `x`), the input is read through that map (a data
+    movement folded into this kernel)."""
+    out_shape = tuple(shape) if shape is not None else x.shape
+    nd = len(out_shape)
     ax = axis % nd if nd else 0
 
     def f(*idx):
-        bb = _i64(b[idx[ax]]) if isinstance(b, te.Tensor) else tirx.const(int(b), "int64")
-        cc = _i64(c[idx[ax]]) if isinstance(c, te.Tensor) else tirx.const(int(c), "int64")
-        return fp.requantize_dyadic(_i64(x(*idx)), bb, cc, lo, hi, TE).astype(dtype)
+        v = x(*index(list(idx))) if index is not None else x(*idx)
+        return requant_expr(v, b, c, lo, hi, dtype, ch=idx[ax] if nd else None)
 
-    return te.compute(x.shape, f, name="requantize")
+    return te.compute(out_shape, f, name="requantize")
 
 
-def int_add(a: te.Tensor, b: te.Tensor, out_shape: Sequence[int], dtype: str, lo: int, hi: int):
+def int_add(
+    a: te.Tensor,
+    b: te.Tensor,
+    out_shape: Sequence[int],
+    dtype: str,
+    lo: int,
+    hi: int,
+    rq_a=None,
+    rq_b=None,
+):
+    """saturate(A + B) with numpy broadcasting; `rq_a` / `rq_b` = (b, c, lo, hi, dtype): that
+    operand is Requantize(t) of the tensor given, applied here (per-tensor)."""
+
     def index(t: te.Tensor, idx):
         off = len(idx) - len(t.shape)
         return [0 if int(t.shape[k]) == 1 else idx[off + k] for k in range(len(t.shape))]
 
+    def operand(t: te.Tensor, rq, idx):
+        v = t(*index(t, idx))
+        return _i64(requant_expr(v, *rq) if rq is not None else v)
+
     return te.compute(
         tuple(out_shape),
-        lambda *i: tirx.min(tirx.max(_i64(a(*index(a, i))) + _i64(b(*index(b, i))), lo), hi).astype(
+        lambda *i: tirx.min(tirx.max(operand(a, rq_a, i) + operand(b, rq_b, i), lo), hi).astype(
             dtype
         ),
         name="int_add",
@@ -69,8 +98,15 @@ def _row_reduce(x: te.Tensor, body, name: str, kind: str = "sum") -> te.Tensor:
     return te.compute((*x.shape[:-1], 1), lambda *i: red(body(i[:-1], k), axis=k), name=name)
 
 
-def int_layernorm(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, *, eps: int, frac_bits: int):
+def int_layernorm(
+    x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, *, eps: int, frac_bits: int, rq=None
+):
+    """core.layernorm_row_stats as row stages (sum, mean, centred sum of squares, variance, the
+    isqrt Newton steps, std), the row's magic divisor (fixedpoint.row_magic), then
+    core.layernorm_normalise per element, saturated to int32; `rq` = (b, c, lo, hi, dtype)
+    (per-tensor ints, or per-channel te.Tensors) applies a following Requantize in that stage."""
     n = int(x.shape[-1])
+    in_bits = 8 * (tvm.DataType(x.dtype).bits // 8)
     s1 = _row_reduce(x, lambda r, k: _i64(x(*r, k)), "ln_sum")
     mean = te.compute(s1.shape, lambda *i: fp.div_round(s1(*i), n), name="ln_mean")
     s2 = _row_reduce(
@@ -78,7 +114,7 @@ def int_layernorm(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, *, eps: int, 
     )
     var = te.compute(s2.shape, lambda *i: tirx.max(fp.div_round(s2(*i), n) + eps, 1), name="ln_var")
     # isqrt_newton, one stage per step (an expression tree would double in size every step)
-    root = te.compute(var.shape, lambda *i: var(*i) * 0 + fp.ISQRT_INIT, name="ln_sqrt0")
+    root = te.compute(var.shape, lambda *i: fp.isqrt_init(var(*i), TE), name="ln_sqrt0")
 
     def newton(r: te.Tensor):
         return lambda *i: fp.isqrt_step(r(*i), var(*i), TE)
@@ -86,25 +122,71 @@ def int_layernorm(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, *, eps: int, 
     for step in range(fp.ISQRT_ITERS):
         root = te.compute(var.shape, newton(root), name=f"ln_sqrt{step + 1}")
     std = te.compute(var.shape, lambda *i: tirx.max(root(*i), 1), name="ln_std")
+    a_bits = in_bits + frac_bits
+    magic = None
+    if fp.row_div_bits(a_bits, core.LN_STD_BITS) is not None:
+
+        def part(w: int):
+            return lambda *i: fp.row_magic(std(*i), a_bits, core.LN_STD_BITS, TE)[w]
+
+        magic = [te.compute(var.shape, part(w), name=f"ln_magic{w}") for w in (0, 1)]
     lo, hi = fp.dtype_bounds("int32")
 
     def out(*i):
         r = i[:-1]
-        xc = _i64(x(*i)) - mean(*r, 0)
-        y = fp.div_round(xc << frac_bits, std(*r, 0))
-        v = y * _i64(gamma[i[-1]]) + _i64(beta[i[-1]])
-        return tirx.min(tirx.max(v, lo), hi).astype("int32")
+        mg = None if magic is None else (magic[0](*r, 0), magic[1](*r, 0))
+        v = core.layernorm_normalise(
+            _i64(x(*i)),
+            mean(*r, 0),
+            std(*r, 0),
+            _i64(gamma[i[-1]]),
+            _i64(beta[i[-1]]),
+            frac_bits,
+            in_bits,
+            TE,
+            mg,
+        )
+        y = tirx.min(tirx.max(v, lo), hi).astype("int32")
+        if rq is None:
+            return y
+        b, c, rlo, rhi, dt = rq
+        return requant_expr(y, b, c, rlo, rhi, dt, ch=i[-1])
 
     return te.compute(x.shape, out, name="int_layernorm")
 
 
 def int_softmax(x: te.Tensor, *, frac_bits: int) -> te.Tensor:
-    mx = _row_reduce(x, lambda r, k: _i64(x(*r, k)), "sm_max", kind="max")
-    e = te.compute(
-        x.shape, lambda *i: fp.exp2_neg(mx(*i[:-1], 0) - _i64(x(*i)), frac_bits, TE), name="sm_exp"
+    """core.softmax_core per row. When frac_bits <= SOFTMAX_I32_MAX_FRAC the per-element work
+    runs in int32 (exactly the int64 values, see fixedpoint.exp2_neg_arg): d = max - x is
+    formed in int64 and capped, then exp2_neg, the row sum (< 2^31 for rows < 2^17) and
+    e * recip + 2^21 (<= 2^30 + 2^21) all fit in int32."""
+    n = int(x.shape[-1])
+    # the row max in x's own dtype (exact), widened where it is used
+    mx_x = _row_reduce(x, lambda r, k: x(*r, k), "sm_max", kind="max")
+    mx = te.compute(mx_x.shape, lambda *i: _i64(mx_x(*i)), name="sm_max64")
+    narrow = frac_bits <= fp.EXP2_I32_MAX_FRAC and n < (1 << (31 - fp.EXP2_BITS - 1))
+
+    def exp_at(r, k):
+        d = mx(*r, 0) - _i64(x(*r, k))
+        if not narrow:
+            return fp.exp2_neg(d, frac_bits, TE)
+        return fp.exp2_neg(fp.exp2_neg_arg(d, frac_bits, TE).astype("int32"), frac_bits, TE)
+
+    acc = "int32" if narrow else "int64"
+    # the exponentials once, kept per row (a "_row" stage: schedule_rows computes it inside the
+    # row loop instead of inlining it into both readers)
+    e = te.compute(x.shape, lambda *i: exp_at(i[:-1], i[-1]).astype(acc), name="sm_exp_row")
+    k = te.reduce_axis((0, n), name="k_sm_sum")
+    s = te.compute(
+        (*x.shape[:-1], 1),
+        lambda *i: te.sum(e(*i[:-1], k), axis=k),
+        name="sm_sum",
     )
-    s = _row_reduce(e, lambda r, k: e(*r, k), "sm_sum")
-    recip = te.compute(s.shape, lambda *i: (1 << core.SOFTMAX_RECIP_BITS) // s(*i), name="sm_rcp")
+    recip = te.compute(
+        s.shape,
+        lambda *i: tirx.const(1 << core.SOFTMAX_RECIP_BITS, acc) // s(*i),
+        name="sm_rcp",
+    )
     shift = core.SOFTMAX_RECIP_BITS - core.SOFTMAX_OUT_BITS
     return te.compute(
         x.shape,
@@ -121,6 +203,18 @@ def int_gelu(x: te.Tensor, *, alpha: int, frac_bits: int) -> te.Tensor:
         x.shape,
         lambda *i: core.gelu_core(_i64(x(*i)), alpha, frac_bits, TE).astype("int32"),
         name="int_gelu",
+    )
+
+
+def table_lookup(x: te.Tensor, table: te.Tensor, offset: int, dtype: str | None = None):
+    """y = table[x + offset] (cast to `dtype`): an elementwise function of a narrow integer
+    input, tabulated at compile time over every input value by the op's own reference formula.
+    An int32 table with a narrower `dtype` lets LLVM gather 32-bit entries in vectors (byte
+    entries are gathered one by one)."""
+    return te.compute(
+        x.shape,
+        lambda *i: table[x(*i).astype("int32") + offset].astype(dtype or table.dtype),
+        name="table_lookup",
     )
 
 

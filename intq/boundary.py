@@ -114,8 +114,12 @@ class Signature:
 def quantize_input(x: np.ndarray, scale: float, qdtype: str) -> np.ndarray:
     """q = clip(floor(x / scale + 0.5), lo, hi) computed in float64, cast to `qdtype`."""
     lo, hi = DTYPE_BOUNDS[qdtype]
-    q = np.floor(np.asarray(x, dtype=np.float64) / scale + 0.5)
-    return np.clip(q, lo, hi).astype(qdtype)
+    q = np.array(x, dtype=np.float64)  # a fresh float64 copy, then the same ops in place
+    np.divide(q, scale, out=q)
+    np.add(q, 0.5, out=q)
+    np.floor(q, out=q)
+    np.clip(q, lo, hi, out=q)
+    return q.astype(qdtype)
 
 
 def check_batch_inputs(

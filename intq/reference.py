@@ -57,10 +57,38 @@ class ReferenceInterpreter:
         return env if keep_all else {k: env[k] for k in self.outputs}
 
 
+def _shape_env(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Every tensor of the graph as an array of its dtype and shape: ops with a shape rule get
+    zeros of the shape their rule gives (their arithmetic is not run); data-movement ops (no
+    shape rule) run their reference on those arrays (cheap copies/views)."""
+    interp = ReferenceInterpreter(model)
+    env: dict[str, Any] = dict(interp.consts)
+    env.update(feeds)
+    for node, op in zip(interp.order, interp.defs, strict=True):
+        xs = [env[i] if i else None for i in node.input]
+        op.check_inputs(node, [x.dtype if x is not None else None for x in xs])
+        attrs = op.attrs_of(node)
+        try:
+            if op.shape is None:
+                ys = op.reference(xs, attrs)
+            else:
+                shapes = [tuple(x.shape) if x is not None else None for x in xs]
+                dtypes = [x.dtype if x is not None else None for x in xs]
+                ys = [np.zeros(shape, dt) for shape, dt in op.shape(shapes, dtypes, attrs)]
+        except IntqError:
+            raise
+        except Exception as e:  # numpy errors: name the node
+            raise GraphError(f"shapes: node {node.name!r} ({node.op_type}) failed: {e}") from e
+        for name, y in zip(node.output, ys, strict=False):
+            env[name] = y
+    return env
+
+
 def infer_integer_shapes(model: onnx.ModelProto, batch_feeds: dict[str, np.ndarray]) -> None:
-    """Annotate value_info with the dtype and shape of every intermediate tensor, computed by
-    running the reference on the given (e.g. zero) feeds. Replaces existing value_info."""
-    env = ReferenceInterpreter(model).run(batch_feeds, keep_all=True)
+    """Annotate value_info with the dtype and shape of every intermediate tensor: each op's shape
+    rule, or for data movement its reference run on arrays of the given feeds' shapes (e.g.
+    zeros). Replaces existing value_info."""
+    env = _shape_env(model, batch_feeds)
     g = model.graph
     known = {i.name for i in g.input} | {o.name for o in g.output} | {t.name for t in g.initializer}
     del g.value_info[:]

@@ -228,3 +228,173 @@ def test_int_matmul_broadcast_batch_plain_path():
         {"a": ri(-128, 127, (3, 5, 9), np.int8), "b": ri(-128, 127, (9, 4), np.int8)},
         {},
     )
+
+
+# ------------------------------------------------------------- kernels with a folded epilogue
+# A Requantize that alone reads a matmul / GELU / LayerNorm output runs in that kernel's last
+# stage (codegen lower.py LowerCtx.sole_consumer): the two-op graph must still equal the
+# reference's two separate ops bit for bit.
+@pytest.mark.parametrize(
+    "per_channel,to,clip",
+    [
+        (True, TensorProto.INT8, None),
+        (False, TensorProto.INT16, None),
+        (True, TensorProto.INT32, None),
+        (False, TensorProto.INT8, (0, 127)),
+    ],
+)
+def test_dense_with_folded_requantize(per_channel, to, clip):
+    k, n = 45, 37
+    b, c = mult(RNG.uniform(1e-5, 2.0, n) if per_channel else [0.00071])
+    kw = {"to": to, "axis": -1} | ({"clip_min": clip[0], "clip_max": clip[1]} if clip else {})
+    check(
+        [
+            make_node("IntMatMul", ["a", "w", "bias"], ["acc"], "mm"),
+            make_node("Requantize", ["acc", "b", "c"], ["y"], "rq", **kw),
+        ],
+        {"a": ri(-128, 127, (2, 9, k), np.int8)},
+        {
+            "w": ri(-128, 127, (k, n), np.int8),
+            "bias": ri(-(2**20), 2**20, n, np.int32),
+            "b": b,
+            "c": c,
+        },
+    )
+
+
+@pytest.mark.parametrize("adt", [np.int8, np.uint8])
+def test_bmm_with_folded_requantize(adt):
+    lo, hi = (-128, 127) if adt == np.int8 else (0, 255)
+    b, c = mult([0.0123])
+    check(
+        [
+            make_node("IntMatMul", ["a", "bm"], ["acc"], "bmm"),
+            make_node("Requantize", ["acc", "b", "c"], ["y"], "rq", to=TensorProto.INT32),
+        ],
+        {"a": ri(lo, hi, (2, 3, 19, 11), adt), "bm": ri(-128, 127, (2, 3, 11, 21), np.int8)},
+        {"b": b, "c": c},
+    )
+
+
+def test_gelu_table_with_folded_requantize():
+    x = np.arange(-128, 128, dtype=np.int8).reshape(4, 64)
+    b, c = mult([0.37 / 2**14])
+    check(
+        [
+            make_node("IntGELU", ["x"], ["g"], "gelu", alpha=8008, frac_bits=18),
+            make_node("Requantize", ["g", "b", "c"], ["y"], "rq", to=TensorProto.INT8),
+        ],
+        {"x": x},
+        {"b": b, "c": c},
+    )
+
+
+def test_requantize_not_folded_when_its_input_has_two_readers():
+    b, c = mult([0.001])
+    x = ri(-128, 127, (2, 5, 16), np.int8)
+    check(
+        [
+            make_node("IntMatMul", ["a", "w"], ["acc"], "mm"),
+            make_node("Requantize", ["acc", "b", "c"], ["r"], "rq", to=TensorProto.INT32),
+            make_node("IntAdd", ["acc", "r"], ["y"], "add", to=TensorProto.INT32),
+        ],
+        {"a": x},
+        {"w": ri(-128, 127, (16, 24), np.int8), "b": b, "c": c},
+    )
+
+
+@pytest.mark.parametrize("dt,per_channel", [(np.int16, False), (np.int8, True)])
+def test_layernorm_with_folded_requantize(dt, per_channel):
+    c = 48
+    x = (RNG.standard_normal((3, 7, c)) * (9000 if dt == np.int16 else 60)).astype(dt)
+    x[0, 0] = -5  # a constant row
+    x[1, 1, ::2], x[1, 1, 1::2] = np.iinfo(dt).min, np.iinfo(dt).max  # extreme spread
+    b, cc = mult(RNG.uniform(1e-4, 1e-2, c) if per_channel else [0.0031])
+    check(
+        [
+            make_node("IntLayerNorm", ["x", "g", "bt"], ["ln"], "ln", epsilon=5, frac_bits=10),
+            make_node("Requantize", ["ln", "b", "c"], ["y"], "rq", to=TensorProto.INT8),
+        ],
+        {"x": x},
+        {
+            "g": ri(-2047, 2047, c, np.int32),
+            "bt": ri(-(2**20), 2**20, c, np.int32),
+            "b": b,
+            "c": cc,
+        },
+    )
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_requantize_reads_through_data_movement(per_channel):
+    """Reshape -> Transpose -> Gather (scalar index) -> Transpose -> Requantize: the Requantize
+    kernel reads the matmul output through the composed index map (the head split of attention)
+    and the moved copies are never written; results equal the reference's op-by-op ones."""
+    k, n = 24, 3 * 2 * 5
+    b, c = mult([0.0021])
+    nodes = [
+        make_node("IntMatMul", ["a", "w"], ["acc"], "mm"),
+        make_node("Reshape", ["acc", "shape"], ["r"], "reshape"),
+        make_node("Transpose", ["r"], ["t"], "transpose", perm=[2, 0, 3, 1, 4]),
+        make_node("Gather", ["t", "idx"], ["g"], "gather", axis=0),
+        make_node("Transpose", ["g"], ["gt"], "transpose2", perm=[0, 1, 3, 2]),
+    ]
+    if per_channel:
+        b, c = mult(RNG.uniform(1e-3, 1e-2, 7))
+        nodes.append(make_node("Requantize", ["gt", "b", "c"], ["y"], "rq", axis=-1, to=3))
+    else:
+        nodes.append(make_node("Requantize", ["gt", "b", "c"], ["y"], "rq", to=3))
+    check(
+        nodes,
+        {"a": ri(-128, 127, (2, 7, k), np.int8)},
+        {
+            "w": ri(-128, 127, (k, n), np.int8),
+            "shape": np.array([2, 7, 3, 2, 5], np.int64),
+            "idx": np.array(1, np.int64),
+            "b": b,
+            "c": c,
+        },
+    )
+
+
+def test_int_add_applies_its_operands_requantize():
+    b1, c1 = mult([0.61])
+    b2, c2 = mult([1.7])
+    check(
+        [
+            make_node("Requantize", ["a", "b1", "c1"], ["ra"], "rqa", to=TensorProto.INT16),
+            make_node("Requantize", ["bb", "b2", "c2"], ["rb"], "rqb", to=TensorProto.INT16),
+            make_node("IntAdd", ["ra", "rb"], ["y"], "add", to=TensorProto.INT16),
+        ],
+        {"a": ri(-32768, 32767, (2, 7, 9), np.int16), "bb": ri(-32768, 32767, (1, 9), np.int16)},
+        {"b1": b1, "c1": c1, "b2": b2, "c2": c2},
+    )
+
+
+@pytest.mark.parametrize("requant_after", [True, False])
+def test_dense_requantize_gelu_chain(requant_after):
+    """Linear -> Requantize(int8, per channel) -> ShiftGELU (-> Requantize): the GEMM epilogue
+    requantizes, the table kernel applies GELU and the last Requantize; equal to the
+    reference's ops."""
+    k, n = 40, 48
+    b, c = mult(RNG.uniform(1e-4, 1e-3, n))
+    b2, c2 = mult([0.41 / 2**14])
+    nodes = [
+        make_node("IntMatMul", ["a", "w", "bias"], ["acc"], "mm"),
+        make_node("Requantize", ["acc", "b", "c"], ["q"], "rq", axis=-1, to=TensorProto.INT8),
+        make_node("IntGELU", ["q"], ["g"], "gelu", alpha=8008, frac_bits=18),
+    ]
+    if requant_after:
+        nodes.append(make_node("Requantize", ["g", "b2", "c2"], ["y"], "rq2", to=3))
+    check(
+        nodes,
+        {"a": ri(-128, 127, (3, 11, k), np.int8)},
+        {
+            "w": ri(-128, 127, (k, n), np.int8),
+            "bias": ri(-(2**16), 2**16, n, np.int32),
+            "b": b,
+            "c": c,
+            "b2": b2,
+            "c2": c2,
+        },
+    )

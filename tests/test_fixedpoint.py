@@ -49,11 +49,25 @@ def test_isqrt_newton_exact_over_domain():
             np.arange(1, 1 << 16),
             rng.integers(1, 1 << fp.ISQRT_DOMAIN_BITS, 50_000),
             [k * k + d for k in (3, 1 << 10, (1 << 20) - 1, 777_777) for d in (-1, 0, 1)],
+            # around every perfect square of a power of two and its neighbours
+            [
+                (k + e) ** 2 + d
+                for k in (1 << np.arange(20))
+                for e in (-1, 0, 1)
+                for d in (-1, 0, 1)
+            ],
             [(1 << fp.ISQRT_DOMAIN_BITS) - 1],
         ]
     ).astype(np.int64)
+    n = n[(n >= 1) & (n < 1 << fp.ISQRT_DOMAIN_BITS)]
     got = fp.isqrt_newton(n)
     assert np.array_equal(got, np.array([math.isqrt(int(v)) for v in n]))
+    # the start is an upper bound, and ISQRT_ITERS - 2 steps already reach the fixed point
+    x = fp.isqrt_init(n)
+    assert np.all(x * x >= n) and np.all(x <= fp.ISQRT_INIT)
+    for _ in range(fp.ISQRT_ITERS - 2):
+        x = fp.isqrt_step(x, n)
+    assert np.array_equal(x, got)
 
 
 def test_exp2_neg_error_bound():
@@ -64,3 +78,32 @@ def test_exp2_neg_error_bound():
     # second-order fraction: within 0.3 % relative plus truncation of the Q14 result
     assert np.all(np.abs(got - want) <= 0.003 * want + 2.0**-13)
     assert fp.exp2_neg(np.int64(0), f) == 1 << fp.EXP2_BITS
+
+
+@pytest.mark.parametrize("a_bits", [8, 18, 26, 27])
+def test_div_round_by_row_equals_div_round(a_bits):
+    """The per-row magic-multiplier division is div_round exactly: every divisor up to 5000,
+    random ones up to 2^20 (LayerNorm's std bound), numerators at the bounds and near the
+    rounding boundaries (2a + b close to a multiple of 2b)."""
+    rng = np.random.default_rng(a_bits)
+    b = np.concatenate(
+        [np.arange(1, 5001), rng.integers(1, 2**20 + 1, 100_000), [2**20, 2**20 - 1, 2**19 + 1]]
+    ).astype(np.int64)
+    lim = 2**a_bits - 1
+    a = rng.integers(-lim, lim + 1, b.size)
+    a[:6] = [lim, -lim, 0, -1, 1, -2]
+    q = rng.integers(-(lim // 2**20), lim // 2**20 + 1, b.size)
+    near = np.clip(q * b - b // 2 + rng.integers(-2, 3, b.size), -lim, lim)
+    for num in (a, near):
+        np.testing.assert_array_equal(fp.div_round_by_row(num, b, a_bits, 20), fp.div_round(num, b))
+
+
+@pytest.mark.parametrize("frac_bits", [4, 12, 18])
+def test_exp2_neg_in_int32_after_the_cap(frac_bits):
+    """exp2_neg(min(d, EXP2_CAP << F)) evaluated in int32 arithmetic equals exp2_neg(d) in int64
+    for every d below the cap and beyond it (the compiled Softmax runs it in int32)."""
+    d = np.arange(0, (fp.EXP2_CAP << frac_bits) + 4096, dtype=np.int64)
+    d = np.concatenate([d, [2**31, 2**32 - 1, 2**40]])
+    narrow = fp.exp2_neg(fp.exp2_neg_arg(d, frac_bits).astype(np.int32), frac_bits)
+    assert narrow.dtype == np.int32
+    np.testing.assert_array_equal(narrow, fp.exp2_neg(d, frac_bits))

@@ -249,15 +249,38 @@ register(
 
 # ---------------------------------------------------------------------------------------------
 # IntLayerNorm
-def layernorm_core(x, gamma, beta, n: int, eps: int, frac_bits: int, reduce_sum, xp=fp.NUMPY):
-    """Integer LayerNorm over the last axis (length n) of int64 `x`; `reduce_sum(t)` sums the
-    last axis keeping it. Returns int64 (caller saturates to int32)."""
+def layernorm_row_stats(x, n: int, eps: int, reduce_sum, xp=fp.NUMPY):
+    """(mean, std) of each row of int64 `x` (last axis, length n), shape [..., 1]."""
     mean = fp.div_round(reduce_sum(x), n)
     xc = x - mean
     var = xp.maximum(fp.div_round(reduce_sum(xc * xc), n) + eps, 1)
     std = xp.maximum(fp.isqrt_newton(var, xp), 1)
-    y = fp.div_round(xc << frac_bits, std)
+    return mean, std
+
+
+LN_STD_BITS = fp.ISQRT_DOMAIN_BITS // 2  # std <= 2^20: isqrt_newton starts there and decreases
+
+
+def layernorm_normalise(
+    x, mean, std, gamma, beta, frac_bits: int, in_bits: int, xp=fp.NUMPY, magic=None
+):
+    """div_round((x - mean) << frac_bits, std) * gamma + beta (int64), for |x - mean| <
+    2^in_bits: the division by the row's std through fixedpoint.div_round_by_row (exactly
+    div_round; `magic` = fixedpoint.row_magic(std, in_bits + frac_bits, LN_STD_BITS) when the
+    caller computed it per row already)."""
+    xc = x - mean
+    y = fp.div_round_by_row(xc << frac_bits, std, in_bits + frac_bits, LN_STD_BITS, xp, magic)
     return y * gamma + beta
+
+
+def layernorm_core(
+    x, gamma, beta, n: int, eps: int, frac_bits: int, reduce_sum, xp=fp.NUMPY, in_bits: int = 16
+):
+    """Integer LayerNorm over the last axis (length n) of int64 `x` (|x| <= 2^(in_bits-1), so
+    |x - mean| < 2^in_bits); `reduce_sum(t)` sums the last axis keeping it. Returns int64
+    (caller saturates to int32)."""
+    mean, std = layernorm_row_stats(x, n, eps, reduce_sum, xp)
+    return layernorm_normalise(x, mean, std, gamma, beta, frac_bits, in_bits, xp)
 
 
 def _ln_shape(shapes, dtypes, attrs):
@@ -280,6 +303,7 @@ def _ln_ref(xs, attrs):
         int(attrs["epsilon"]),
         int(attrs["frac_bits"]),
         lambda t: t.sum(axis=-1, keepdims=True),
+        in_bits=8 * xs[0].dtype.itemsize,
     )
     lo, hi = fp.dtype_bounds(np.int32)
     return [np.clip(y, lo, hi).astype(np.int32)]

@@ -24,10 +24,13 @@ from intq.errors import ConfigError
 EXP2_BITS = 14
 # Largest shift applied to an exp2 mantissa (anything >= EXP2_BITS + 1 already yields 0).
 EXP2_MAX_SHIFT = 31
-# Integer square root: Newton iterations from a fixed start, exact for 1 <= n < 2^ISQRT_DOMAIN_BITS.
+# Integer square root: Newton iterations from 2^ceil(bitlen(n)/2) (isqrt_init, >= sqrt(n) and
+# < 2 sqrt(n) + 1), exact for 1 <= n < 2^ISQRT_DOMAIN_BITS; 5 steps always reach floor(sqrt(n))
+# there (measured over the test domain), ISQRT_ITERS keeps a margin of 2 (further steps are
+# no-ops). The start never exceeds 2^(ISQRT_DOMAIN_BITS/2), nor does the result.
 ISQRT_DOMAIN_BITS = 40
 ISQRT_INIT = 1 << (ISQRT_DOMAIN_BITS // 2)
-ISQRT_ITERS = 26
+ISQRT_ITERS = 7
 # Dyadic multipliers M = b / 2^c: b < 2^31 (a 31-bit mantissa), 0 <= c <= 62.
 MANTISSA_BITS = 31
 MAX_SHIFT = 62
@@ -96,18 +99,91 @@ def div_round(a: Any, b: Any) -> Any:
     return (2 * a + b) // (2 * b)
 
 
+# Exact division by a divisor that is invariant along a row (Granlund & Montgomery, "Division by
+# invariant integers using multiplication", 1994, Thm 4.2): with l = ceil(log2 d) and
+# m = ceil(2^(N+l) / d), floor(u / d) = (u * m) >> (N + l) for every 0 <= u < 2^N. For N <= 30,
+# u < 2^30 and m <= 2^31, so u * m is one 32 x 32 -> 64-bit unsigned multiply (vpmuludq).
+MAGIC_MAX_BITS = 30
+_LOW32 = (1 << 32) - 1
+
+
+def ceil_log2(d: Any, d_bits: int, xp: Any = NUMPY) -> Any:
+    """ceil(log2 d) for 1 <= d <= 2^d_bits: the number of k in [0, d_bits) with 2^k < d."""
+    one, zero = xp.i64(1), xp.i64(0)
+    n = d * 0
+    for k in range(d_bits):
+        n = n + xp.where(d > (1 << k), one, zero)
+    return n
+
+
+def magic_divisor(d: Any, n_bits: int, d_bits: int, xp: Any = NUMPY) -> tuple[Any, Any]:
+    """(m, s) with floor(u / d) == (u * m) >> s for 0 <= u < 2^n_bits, 1 <= d <= 2^d_bits:
+    s = n_bits + ceil_log2(d), m = ceil(2^s / d) (one division per divisor)."""
+    s = ceil_log2(d, d_bits, xp) + n_bits
+    return ((xp.i64(1) << s) + d - 1) // d, s
+
+
+def div_floor_magic(n: Any, m: Any, s: Any) -> Any:
+    """floor(n / d) for |n| < 2^N given (m, s) = magic_divisor(d, N, .), N <= MAGIC_MAX_BITS:
+    n < 0 goes through floor(n / d) = ~floor(~n / d) (~n = -n - 1 >= 0), so only
+    0 <= u < 2^N is divided: ((u * m) >> s) with u, m < 2^32 masked to 32 bits (identities within
+    those bounds; they let the compiler use a 32 x 32 -> 64-bit multiply)."""
+    sign = n >> 63  # 0 or -1
+    u = n ^ sign
+    return (((u & _LOW32) * (m & _LOW32)) >> s) ^ sign
+
+
+def row_div_bits(a_bits: int, b_bits: int) -> int | None:
+    """N for div_round_by_row's magic division (|2a + b| < 2^N), or None when N is too wide."""
+    n_bits = max(a_bits + 1, b_bits) + 1  # |2a + b| < 2^(a_bits+1) + 2^b_bits <= 2^n_bits
+    return n_bits if n_bits <= MAGIC_MAX_BITS else None
+
+
+def row_magic(b: Any, a_bits: int, b_bits: int, xp: Any = NUMPY) -> tuple[Any, Any] | None:
+    """The per-row (m, s) that div_round_by_row divides with, or None (plain division)."""
+    n_bits = row_div_bits(a_bits, b_bits)
+    if n_bits is None:
+        return None
+    return magic_divisor(2 * b, n_bits, b_bits + 1, xp)
+
+
+def div_round_by_row(
+    a: Any, b: Any, a_bits: int, b_bits: int, xp: Any = NUMPY, magic: Any = None
+) -> Any:
+    """div_round(a, b) for |a| < 2^a_bits, 1 <= b <= 2^b_bits, where b is shared along the row
+    (one value per row, broadcast over the last axis). Equal to div_round(a, b) exactly: when
+    the bounds allow (N = max(a_bits + 1, b_bits) + 1 <= MAGIC_MAX_BITS) it is computed as
+    div_floor_magic(2a + b, magic_divisor(2b, N, b_bits + 1)) (one division per row, not per
+    element; `magic`: that row's (m, s) = row_magic(b, ...) when already computed), else by
+    div_round itself."""
+    if row_div_bits(a_bits, b_bits) is None:
+        return div_round(a, b)
+    m, s = magic if magic is not None else row_magic(b, a_bits, b_bits, xp)
+    return div_floor_magic(2 * a + b, m, s)
+
+
 def isqrt_step(x: Any, n: Any, xp: Any = NUMPY) -> Any:
     """One guarded Newton step for floor(sqrt(n)): min(x, floor((x + floor(n / x)) / 2))."""
     return xp.minimum(x, (x + n // x) >> 1)
 
 
+def isqrt_init(n: Any, xp: Any = NUMPY) -> Any:
+    """Newton's start for isqrt: 2^ceil(L / 2) with L = bitlen(n) capped at ISQRT_DOMAIN_BITS
+    (the number of k in [0, 40) with 2^k <= n): >= sqrt(n) on the domain, <= 2^20 always."""
+    one, zero = xp.i64(1), xp.i64(0)
+    bits = n * 0
+    for k in range(ISQRT_DOMAIN_BITS):
+        bits = bits + xp.where(n >= (1 << k), one, zero)
+    return one << ((bits + 1) >> 1)
+
+
 def isqrt_newton(n: Any, xp: Any = NUMPY) -> Any:
-    """floor(sqrt(n)) for 1 <= n < 2^40: ISQRT_ITERS `isqrt_step`s from x = 2^20.
+    """floor(sqrt(n)) for 1 <= n < 2^40: ISQRT_ITERS `isqrt_step`s from isqrt_init(n).
 
     The sequence decreases to floor(sqrt(n)) and stays there. Exactness over the whole domain
     is checked in the tests. (Compiled kernels run the same steps as separate stages.)
     """
-    x = n * 0 + ISQRT_INIT
+    x = isqrt_init(n, xp)
     for _ in range(ISQRT_ITERS):
         x = isqrt_step(x, n, xp)
     return x
@@ -117,6 +193,19 @@ def isqrt_newton(n: Any, xp: Any = NUMPY) -> Any:
 # the max relative error (0.27 %); coefficients in Q15.
 EXP2_POLY_A = -21951  # round(-0.66988 * 2^15)
 EXP2_POLY_B = 5567  # round(0.16988 * 2^15)
+
+
+# exp2_neg(d) == exp2_neg(min(d, EXP2_CAP << F)): from q = d >> F >= EXP2_BITS + 1 on the result
+# is v >> q = 0 (v < 2^15), and the cap keeps q >= 32 > EXP2_BITS. With d capped, every
+# intermediate of exp2_neg is below 2^31 in magnitude for F <= EXP2_I32_MAX_FRAC, so a compiled
+# kernel may evaluate it in int32 with the very same result.
+EXP2_CAP = 32
+EXP2_I32_MAX_FRAC = 25
+
+
+def exp2_neg_arg(d: Any, frac_bits: int, xp: Any = NUMPY) -> Any:
+    """min(d, EXP2_CAP << frac_bits): the same exp2_neg, an argument that fits in int32."""
+    return xp.minimum(d, EXP2_CAP << frac_bits)
 
 
 def exp2_neg(d: Any, frac_bits: int, xp: Any = NUMPY) -> Any:
