@@ -144,7 +144,46 @@ def _intq_ms(ex, x: np.ndarray) -> float:
     return min(te("main").results) * 1e3
 
 
-def run(directory: str, models: list[str], batches: list[int]) -> None:
+def _profile_kernels(ex, x: np.ndarray, top: int = 30) -> None:
+    """Per-kernel GPU time of one intq run, from CUPTI through torch.profiler (it records every
+    kernel launched in the process, TVM's included). Kernels that differ only in the numbers
+    TVM appends to a repeated name (``int8_dense_rq_pc3_kernel``) are summed as one kind."""
+    import re
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from intq import boundary
+    from intq.codegen import compat
+
+    runs = 5
+    q = boundary.quantize_inputs(ex.signature.inputs, [x])
+    args = [compat.to_device_tensor(a, ex._device) for a in q]
+    vm = ex._vm
+    vm.set_input("main", *args)
+    vm.invoke_stateful("main")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            vm.invoke_stateful("main")
+        torch.cuda.synchronize()
+    stats: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kind = re.sub(r"(?<!int)(?<=[a-z])\d+(?=_|$)", "", ev.name)
+            stats.setdefault(kind, []).append(ev.device_time)
+    total = sum(sum(v) for v in stats.values()) / runs
+    print(
+        f"kernels per run: {sum(len(v) for v in stats.values()) // runs}, "
+        f"GPU busy {total / 1e3:.3f} ms per run"
+    )
+    for name, ts in sorted(stats.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        per = sum(ts) / runs
+        n = len(ts) // runs
+        print(f"  {per / 1e3:8.3f} ms {100 * per / total:5.1f}%  x{n:<3d} {name[:90]}")
+
+
+def run(directory: str, models: list[str], batches: list[int], profile: bool = False) -> None:
     import torch
 
     from intq import runtime
@@ -171,6 +210,9 @@ def run(directory: str, models: list[str], batches: list[int]) -> None:
         row.update(bit_exact=exact, mismatches=mismatches)
         row["load_s"] = round(load_s, 2)
         row["intq_ms"] = _intq_ms(ex, x)
+        if profile:
+            print(f"== {tag}")
+            _profile_kernels(ex, x)
         row.update(_torch_times(name, b))
         for k in (
             "torch_fp32_eager",
@@ -203,13 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="tiny,small,base")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--cuda-graph", action="store_true", help="--prepare: CUDA-graph artifacts")
+    ap.add_argument("--profile", action="store_true", help="--run: per-kernel GPU times")
     args = ap.parse_args(argv)
     models = args.models.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     if args.prepare:
         prepare(args.prepare, models, batches, args.cuda_graph)
     else:
-        run(args.run, models, batches)
+        run(args.run, models, batches, args.profile)
     return 0
 
 

@@ -110,10 +110,6 @@ def build(integer_onnx: onnx.ModelProto, target: str, config: CompileConfig) -> 
     if spec is None:
         raise LoweringError(f"target {target!r} is not implemented yet (have {sorted(TARGETS)})")
     tvm_target = spec.make_target(config)
-    if spec.device == "cuda":
-        from intq.codegen.cuda import install_cuda_precompile
-
-        install_cuda_precompile(str(tvm_target.attrs["arch"]))
     sig = load_signature(integer_onnx)
     kernels = spec.kernels(tvm_target) if spec.kernels else None
     mod = to_relax(integer_onnx, kernels)
@@ -132,11 +128,12 @@ def build(integer_onnx: onnx.ModelProto, target: str, config: CompileConfig) -> 
     ex = compat.build(lowered, tvm_target, lowered=True)  # the scanned module is what we build
     device_source = compat.device_source(ex)
     if spec.device == "cuda":
-        from intq.codegen.cuda import find_float_in_cuda
+        from intq.codegen.cuda import check_cuda_compiles, find_float_in_cuda
 
         cuda_floats = find_float_in_cuda(device_source)
         if cuda_floats:
             raise IntegerOnlyViolation(
                 "float found in generated CUDA source: " + "; ".join(cuda_floats[:5])
             )
+        check_cuda_compiles(device_source, str(tvm_target.attrs["arch"]))
     return Build(sig, ex, spec, config, floats, device_source)

@@ -362,7 +362,7 @@ def install_cuda_jit_nvcc(nvcc: str = "nvcc") -> None:
             src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.fatbin")
             with open(src, "w") as f:
                 f.write(code)
-            subprocess.run(
+            proc = subprocess.run(
                 [
                     nvcc,
                     "--fatbin",
@@ -375,9 +375,12 @@ def install_cuda_jit_nvcc(nvcc: str = "nvcc") -> None:
                     out,
                     src,
                 ],
-                check=True,
                 capture_output=True,
+                text=True,
             )
+            if proc.returncode != 0:
+                tail = (proc.stderr or proc.stdout or "")[-3000:]
+                raise RuntimeError(f"nvcc failed (exit {proc.returncode}) for sm_{arch}:\n{tail}")
             with open(out, "rb") as f:
                 return bytearray(f.read())
 

@@ -13,7 +13,6 @@ bit for bit.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import Schedule, TensorIntrin
@@ -564,14 +563,6 @@ class CpuKernels:
             primfunc_attrs=self._attrs("dense", isa),
         )
 
-    def _folded_requant(self, ctx, node, out_shape) -> tuple[onnx.NodeProto | None, tuple | None]:
-        """The Requantize that alone reads `node`'s output and can run in its epilogue."""
-        rq_node = ctx.sole_consumer(node.output[0], "Requantize")
-        if rq_node is None:
-            return None, None
-        rq = ctx.last_axis_requant(rq_node, len(out_shape), int(out_shape[-1]))
-        return (rq_node, rq) if rq is not None else (None, None)
-
     def dense(self, ctx, node) -> relax.Expr:
         a_shape = ctx.shapes[node.input[0]]
         w = ctx.const(node.input[1])
@@ -585,7 +576,7 @@ class CpuKernels:
         # (a following ShiftGELU table lookup is NOT folded in as well: in the GEMM epilogue the
         # per-element gather made fc1 2x slower on the Xeon than the GEMM + a separate table
         # kernel, docs/PERFORMANCE.md)
-        rq_node, rq = self._folded_requant(ctx, node, ctx.shapes[node.output[0]])
+        rq_node, rq = ctx.epilogue_requant(node)
         y = self._gemm(ctx, x2d, w, bias, rq, isa)
         out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
         if rq_node is not None:
@@ -606,7 +597,7 @@ class CpuKernels:
             ctx.dtypes[node.input[1]] != "int8" or ctx.dtypes[node.input[0]] == "int16"
         ):
             kg, attrs = 2, {**attrs, "intq.isa": "avx512"}
-        rq_node, rq = self._folded_requant(ctx, node, ctx.shapes[node.output[0]])
+        rq_node, rq = ctx.epilogue_requant(node)
         if rq is not None and isinstance(rq[0], np.ndarray):
             rq_node, rq = None, None  # per-column requantization after a bmm: not folded
         y = ctx.bb.emit_te(

@@ -83,6 +83,16 @@ class LowerCtx:
         rq = self.per_tensor_requant(node)
         return (node.input[0], rq) if rq is not None else None
 
+    def epilogue_requant(self, node: onnx.NodeProto) -> tuple[onnx.NodeProto | None, tuple | None]:
+        """(Requantize node, (b, c, lo, hi, dtype)) when a Requantize alone reads `node`'s output
+        and a kernel writing that output can apply it in its epilogue, else (None, None)."""
+        out_shape = self.shapes[node.output[0]]
+        rq_node = self.sole_consumer(node.output[0], "Requantize")
+        if rq_node is None:
+            return None, None
+        rq = self.last_axis_requant(rq_node, len(out_shape), int(out_shape[-1]))
+        return (rq_node, rq) if rq is not None else (None, None)
+
     def sole_consumer(self, tensor: str, op_type: str) -> onnx.NodeProto | None:
         """The node of type `op_type` that is the only reader of `tensor` (and `tensor` is no
         graph output), else None. A lowering that folds that node into its own kernel (an

@@ -2,6 +2,7 @@
 artifact describes itself; on a GPU the artifact runs bit-exact against the reference."""
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -103,3 +104,96 @@ def test_cuda_artifact_runs_bit_exact(tiny_cuda, tmp_path):
     for n in (3, 1, 5):
         x = np.random.default_rng(n).standard_normal((n, 1, 8, 8)).astype(np.float32)
         np.testing.assert_array_equal(ex.run(x), intq.reference_run(tiny_cuda.integer_onnx, x))
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_cuda_gemms_on_tensor_cores_and_row_kernels_fit(tiny_cuda):
+    """Every GEMM of the model (dense, q.k^T, probabilities.V) runs our WMMA schedule with the
+    following element-wise ops in its write-back; row kernels keep their per-row shared buffers
+    to ROWS_PER_BLOCK rows."""
+    from intq.codegen.cuda import ROWS_PER_BLOCK
+
+    bodies = dict(kernel_bodies(tiny_cuda._build.device_source))
+    gemms = [n for n in bodies if "dense" in n or "bmm" in n]
+    assert any("u8s8_bmm" in n for n in gemms) and any("int8_bmm" in n for n in gemms)
+    assert len([n for n in gemms if "dense" in n]) >= 5  # patch embedding, qkv, proj, fc1, fc2
+    for name in gemms:
+        assert "wmma::mma_sync" in bodies[name], name
+    # fc1's ShiftGELU table and the two residual IntAdds run in their GEMM's write-back
+    assert [n for n in gemms if "_table" in n] and len([n for n in gemms if "_add" in n]) == 2
+    assert not [n for n in bodies if "gelu" in n or re.match(r"fused_reshape\d*_int_add", n)]
+    # left: the patch-embedding / attention-output / head requantizations, not q, k, v
+    assert len([n for n in bodies if "requantize" in n and "int_add" not in n]) <= 3
+    row = TINY.embed_dim
+    for name, body in bodies.items():
+        for size in re.findall(r"__shared__ alignas\(\d+\) \w+ \w+\[(\d+)\]", body):
+            assert int(size) <= ROWS_PER_BLOCK * max(row, 17), (name, size)
+
+
+def test_wmma_tile_choice_by_shape():
+    from intq.codegen.cuda import TILE_LARGE, TILE_SMALL, pick_wmma_tile
+
+    assert pick_wmma_tile(1, 12608, 1152) == TILE_LARGE  # DeiT-Small qkv at batch 64
+    assert pick_wmma_tile(1, 197, 384) == TILE_SMALL  # batch 1: the small tile fills more SMs
+    assert pick_wmma_tile(384, 197, 197) == TILE_LARGE  # attention at batch 64: 6 x 64 heads
+    assert TILE_LARGE.rows * TILE_LARGE.cols > TILE_SMALL.rows * TILE_SMALL.cols
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "shape", [(197, 384, 1152), (3, 40, 10), (130, 64, 72)], ids=["deit", "tiny", "ragged"]
+)
+def test_wmma_schedule_builds_for_any_shape(shape):
+    """Shapes that are not tile multiples are padded (M, N, K), every tile schedules, the CUDA C
+    is integer-only and nvcc compiles it."""
+    import tvm
+    from tvm import te
+
+    from intq.codegen import cuda
+
+    m, k, n = shape
+    x = te.placeholder((m, k), "int8", "x")
+    w = te.placeholder((n, k), "int8", "w")
+    b = te.placeholder((n,), "int32", "b")
+    y = cuda.dense_nt_te(x, w, b, rq=(1 << 30, 38, -128, 127, "int8"))
+    base = te.create_prim_func([x, w, b, y])
+    funcs = {}
+    for i, tile in enumerate([cuda.TILE_LARGE, cuda.TILE_SMALL, cuda.WmmaTile(1, 2, 2, 2, 4)]):
+        f = cuda.schedule_int8_wmma(base, tile)
+        assert f is not None, tile
+        funcs[f"g{i}"] = f.with_attr("global_symbol", f"g{i}")
+    target = compat.cuda_target()
+    with target:
+        ex = tvm.compile(tvm.IRModule(funcs), target=target)
+    src = compat.device_source(ex)
+    assert src.count("wmma::mma_sync") >= 3 and find_float_in_cuda(src) == []
+    assert cuda.check_cuda_compiles(src, "sm_90")
+
+
+def test_wmma_schedule_declines_non_gemm():
+    from tvm import te
+
+    from intq.codegen import cuda
+
+    x = te.placeholder((64, 64), "int32", "x")
+    y = te.compute((64, 64), lambda i, j: x[i, j] >> 1, name="y")
+    assert cuda.schedule_int8_wmma(te.create_prim_func([x, y])) is None
+
+
+@needs_nvcc
+def test_nvcc_check_fails_the_build_not_the_deployment():
+    from intq.codegen.cuda import check_cuda_compiles
+    from intq.errors import LoweringError
+
+    too_big = """
+extern "C" __global__ void k(int* a) {
+  __shared__ int buf[20000];
+  buf[threadIdx.x] = a[threadIdx.x];
+  __syncthreads();
+  a[threadIdx.x] = buf[(threadIdx.x + 1) % 20000];
+}
+"""
+    with pytest.raises(LoweringError, match="shared data"):
+        check_cuda_compiles(too_big, "sm_90")
