@@ -586,9 +586,7 @@ def _bmm_operand(ctx, name: str, transpose: bool) -> relax.Expr:
     return ctx.bb.emit_te(view, ctx.value(src), primfunc_name_hint=hint)
 
 
-def _emit_with_rq(
-    ctx, te_fn, args: list, rq, name: str, table=None, residual=None
-) -> relax.Expr:
+def _emit_with_rq(ctx, te_fn, args: list, rq, name: str, table=None, residual=None) -> relax.Expr:
     """Emit `te_fn(*args, rq=..., [table=...])`; per-column multipliers / shifts of `rq` and the
     256-entry `table` (numpy, applied after `rq`) enter as constants; `residual` = (relax value,
     its Requantize or None, lo, hi, dtype) is added after `rq`."""
