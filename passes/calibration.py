@@ -5,17 +5,24 @@ Per tensor, over all batches (ranges are symmetric, |x| only):
   * minmax:     a = max |x|;
   * percentile: a = the `percentile`-th percentile of |x| over a pooled sample (every value of
     small tensors; a uniform random subsample of SAMPLES_PER_BATCH values per batch of large
-    ones, fixed seed);
+    ones, seeded per tensor name, so the sample does not depend on run order);
   * search:     a = argmin over the candidates {p-th percentile of |x| : p in
     SEARCH_PERCENTILES} u {max |x|} of the L2 error of int8 quantization on the pooled sample,
         err(a) = sum_i (clip(round_half_up(|x_i| * 127 / a), 0, 127) * a / 127 - |x_i|)^2,
     i.e. the clipping range that trades rounding against clipping error best;
   * channel_amax: max |x| per index of the last axis (for SmoothQuant-style migration).
+
+Memory: onnxruntime keeps every graph output of a run alive until the run ends (with every
+activation made an output, DeiT-Base at batch 64 held over 24 GB and was killed), so calibration
+makes the tensors outputs in groups of at most CALIBRATION_OUTPUT_BYTES, one session and one
+pass over the batches per group: peak memory is bounded by the budget, time grows with the
+number of groups.
 """
 
 from __future__ import annotations
 
 import sys
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +34,8 @@ from intq.boundary import iter_chunks
 from intq.errors import CalibrationError
 
 SAMPLES_PER_BATCH = 8192
+#: Bytes of tensors one onnxruntime run hands back during calibration (see the module docstring).
+CALIBRATION_OUTPUT_BYTES = 2 << 30
 SEARCH_PERCENTILES = (99.9, 99.99, 99.999)
 METHODS = ("minmax", "percentile", "search")
 
@@ -125,6 +134,34 @@ def _float_tensors(model: onnx.ModelProto) -> list[str]:
     return out
 
 
+def _output_groups(
+    model: onnx.ModelProto, outputs: list[str], max_bytes: int | None
+) -> list[list[str]]:
+    """`outputs` in consecutive groups of at most `max_bytes` (static shapes; a tensor whose size
+    is unknown or over the budget gets a group of its own). One group when `max_bytes` is None."""
+    if max_bytes is None:
+        return [outputs]
+    infos = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output]}
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in outputs:
+        size = max_bytes
+        vi = infos.get(name)
+        if vi is not None and vi.type.tensor_type.HasField("shape"):
+            dims = [
+                d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim
+            ]
+            if all(dims):
+                item = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).itemsize
+                size = int(np.prod(dims)) * item
+        if groups[-1] and used + size > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
 def run_float_model(
     model: onnx.ModelProto,
     batches: Iterable[Any],
@@ -132,10 +169,16 @@ def run_float_model(
     *,
     batch_size: int | None = None,
     progress: bool = False,
+    max_output_bytes: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Run the float `model` in onnxruntime over `batches`, yielding {name: value} per chunk of
     the model's static batch for the graph outputs, the inputs and the tensors `names`
     (default: every float tensor). Raises CalibrationError on malformed or empty data.
+
+    With `max_output_bytes`, the tensors are split into groups of at most that many bytes (a
+    larger tensor alone) and the batches are run once per group, yielding one dict per group and
+    chunk (the inputs with the first group): a name then appears once per chunk, but not every
+    name in every dict, and `batches` is read into a list.
 
     Each batch is an array/tensor (single input) or a tuple of them (one per graph input).
     Batches of a size other than the model's static batch are split/padded (padding repeats
@@ -144,49 +187,63 @@ def run_float_model(
     import onnxruntime as ort
 
     names = _float_tensors(model) if names is None else names
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    present = {o.name for o in m.graph.output}
-    vis = {vi.name: vi for vi in m.graph.value_info}
-    for n in names:
-        if n not in present and n in vis:
-            m.graph.output.append(vis[n])
-    outputs = [o.name for o in m.graph.output]
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    inputs = [i for i in sess.get_inputs()]
-    static_batch = batch_size or (
-        inputs[0].shape[0] if isinstance(inputs[0].shape[0], int) else None
-    )
-    in_names = [i.name for i in inputs]
-    bar = _Progress(progress, len(batches) if hasattr(batches, "__len__") else None)
+    vis = {vi.name: vi for vi in model.graph.value_info}
+    outputs = [o.name for o in model.graph.output]
+    outputs += [n for n in names if n not in set(outputs) and n in vis]
+    groups = _output_groups(model, outputs, max_output_bytes)
+    if len(groups) > 1:
+        batches = list(batches)  # read once per group
     count = 0
-    for k, batch in enumerate(batches):
-        arrays = [_to_numpy(b) for b in (batch if isinstance(batch, (tuple, list)) else (batch,))]
-        if len(arrays) != len(inputs):
-            raise CalibrationError(
-                f"calibration batch {k} has {len(arrays)} arrays; "
-                f"the model has {len(inputs)} inputs"
-            )
-        for a, i in zip(arrays, inputs, strict=True):
-            want = tuple(d for d in i.shape[1:])
-            if tuple(a.shape[1:]) != want:
+    for g, group in enumerate(groups):
+        # A session per group whose graph outputs are exactly that group: onnxruntime keeps
+        # every graph output of a run alive to its end, fetched or not.
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        known = {o.name: o for o in m.graph.output}
+        del m.graph.output[:]
+        m.graph.output.extend([known[n] if n in known else vis[n] for n in group])
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        del m
+        inputs = [i for i in sess.get_inputs()]
+        static_batch = batch_size or (
+            inputs[0].shape[0] if isinstance(inputs[0].shape[0], int) else None
+        )
+        in_names = [i.name for i in inputs]
+        total = len(batches) if hasattr(batches, "__len__") else None
+        bar = _Progress(progress and g == 0, total)
+        count = 0
+        for k, batch in enumerate(batches):
+            items = batch if isinstance(batch, (tuple, list)) else (batch,)
+            arrays = [_to_numpy(b) for b in items]
+            if len(arrays) != len(inputs):
                 raise CalibrationError(
-                    f"calibration batch {k}: input {i.name!r} has shape {list(a.shape)}, "
-                    f"expected [batch, {', '.join(map(str, want))}]"
+                    f"calibration batch {k} has {len(arrays)} arrays; "
+                    f"the model has {len(inputs)} inputs"
                 )
-        arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
-        chunks = iter_chunks(arrays, static_batch) if static_batch else [(arrays, 0)]
-        for chunk, _ in chunks:
-            res = sess.run(outputs, dict(zip(in_names, chunk, strict=True)))
-            yield dict(zip(outputs + in_names, res + list(chunk), strict=True))
-        count += 1
-        bar.step()
-    bar.close()
-    if count == 0:
-        raise CalibrationError("calibration data is empty: pass at least one batch")
+            for a, i in zip(arrays, inputs, strict=True):
+                want = tuple(d for d in i.shape[1:])
+                if tuple(a.shape[1:]) != want:
+                    raise CalibrationError(
+                        f"calibration batch {k}: input {i.name!r} has shape {list(a.shape)}, "
+                        f"expected [batch, {', '.join(map(str, want))}]"
+                    )
+            arrays = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in arrays]
+            chunks = iter_chunks(arrays, static_batch) if static_batch else [(arrays, 0)]
+            for chunk, _ in chunks:
+                feed = dict(zip(in_names, chunk, strict=True))
+                values = dict(zip(group, sess.run(group, feed), strict=True))
+                if g == 0:
+                    values.update(feed)
+                yield values
+            count += 1
+            bar.step()
+        bar.close()
+        del sess
+        if count == 0:
+            raise CalibrationError("calibration data is empty: pass at least one batch")
 
 
 def calibrate(
@@ -203,8 +260,15 @@ def calibrate(
     acc: dict[str, list[float]] = {}
     pools: dict[str, list[np.ndarray]] = {}
     chan: dict[str, np.ndarray] = {}
-    rng = np.random.default_rng(0)
-    for values in run_float_model(model, batches, batch_size=batch_size, progress=progress):
+    rngs: dict[str, np.random.Generator] = {}
+    runs = run_float_model(
+        model,
+        batches,
+        batch_size=batch_size,
+        progress=progress,
+        max_output_bytes=CALIBRATION_OUTPUT_BYTES,
+    )
+    for values in runs:
         for n, r in values.items():
             if r.dtype.kind != "f":
                 continue
@@ -217,7 +281,9 @@ def calibrate(
             a = a.ravel()
             acc.setdefault(n, []).append(float(a.max()))
             if a.size > SAMPLES_PER_BATCH:
-                a = a[rng.integers(0, a.size, SAMPLES_PER_BATCH)]
+                if n not in rngs:
+                    rngs[n] = np.random.default_rng(zlib.crc32(n.encode()))
+                a = a[rngs[n].integers(0, a.size, SAMPLES_PER_BATCH)]
             pools.setdefault(n, []).append(a.copy())
     stats = {}
     for n in acc:

@@ -194,6 +194,29 @@ def test_calibration_percentile_below_minmax_and_any_batch_size():
     assert np.isclose(s.amax, max(np.abs(d).max() for d in data))
 
 
+def test_calibration_memory_budget_splits_runs_not_statistics(monkeypatch):
+    """Under a byte budget that holds one activation per run, calibration asks onnxruntime for the
+    tensors in several runs per batch, and every statistic is the same as with one run."""
+    import intq.passes.calibration as calib
+
+    m = linear_model()
+    data = batches((4, 3, 16), n=3)
+    names = [o.name for o in m.graph.output] + [v.name for v in m.graph.value_info]
+    one = calib._output_groups(m, names, None)
+    split = calib._output_groups(m, names, 4 * 3 * 8 * 4)  # one [4, 3, 8] float tensor
+    assert len(one) == 1 and len(split) > 1 and sum(split, []) == names
+    monkeypatch.setattr(calib, "SAMPLES_PER_BATCH", 50)  # subsampled pools, seeded per name
+    monkeypatch.setattr(calib, "CALIBRATION_OUTPUT_BYTES", None)
+    whole = calibrate(m, data, percentile=99.0, search=True)
+    monkeypatch.setattr(calib, "CALIBRATION_OUTPUT_BYTES", 4 * 3 * 8 * 4)
+    parts = calibrate(m, data, percentile=99.0, search=True)
+    assert whole.stats.keys() == parts.stats.keys() and len(whole.stats) >= 3
+    for n, a in whole.stats.items():
+        b = parts.stats[n]
+        assert (a.amax, a.pct, a.batches, a.search) == (b.amax, b.pct, b.batches, b.search), n
+        np.testing.assert_array_equal(a.channel_amax, b.channel_amax)
+
+
 def test_check_integer_only_reports_float_nodes():
     m = linear_model()
     bad = check_integer_only(m)
