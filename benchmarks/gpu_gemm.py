@@ -75,29 +75,12 @@ def prepare(out: str) -> None:
     print(f"{len(rows)} kernels -> {out}/gemm.so")
 
 
-def _events_ms(fn, iters: int = 30) -> float:
-    import torch
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(3):
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / iters)
-    return best
-
-
 def run(directory: str) -> None:
     import shutil
 
     import torch
     import tvm
+    from gpu import _cuda_ms  # benchmarks/gpu.py: CUDA-event timing, best of 3
 
     from intq.codegen import compat
 
@@ -124,9 +107,9 @@ def run(directory: str) -> None:
         c64 = rc.astype(np.int64)
         ref = np.clip((acc * rb + (np.int64(1) << (c64 - 1))) >> c64, -128, 127)
         macs = 2 * m * k * n
-        cublas = _events_ms(lambda xt=xt, wt=wt: torch._int_mm(xt, wt.t()))
+        cublas = _cuda_ms(lambda xt=xt, wt=wt: torch._int_mm(xt, wt.t()))
         xh, wh = xt.half(), wt.half()
-        fp16 = _events_ms(lambda xh=xh, wh=wh: torch.matmul(xh, wh.t()))
+        fp16 = _cuda_ms(lambda xh=xh, wh=wh: torch.matmul(xh, wh.t()))
         print(
             f"\nM={m} K={k} N={n}: cuBLAS int8 {cublas * 1e3:.1f} us "
             f"({macs / cublas / 1e9:.0f} TOPS), cuBLAS fp16 {fp16 * 1e3:.1f} us"
@@ -137,7 +120,7 @@ def run(directory: str) -> None:
             f = lib[r["name"]]
             f(*args, y)
             exact = bool(np.array_equal(y.numpy(), ref.astype(np.int8)))
-            ms = _events_ms(lambda f=f, args=args, y=y: f(*args, y))
+            ms = _cuda_ms(lambda f=f, args=args, y=y: f(*args, y))
             print(
                 f"  tile {r['tile']}: {ms * 1e3:8.1f} us  {macs / ms / 1e9:6.0f} TOPS  "
                 f"x{cublas / ms:.2f} of cuBLAS int8  exact={exact}"

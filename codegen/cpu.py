@@ -12,6 +12,8 @@ bit for bit.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import tvm
 from tvm import relax, te, tirx
@@ -464,14 +466,9 @@ def schedule_parallel_outer(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return compat.mark_scheduled(sch.mod["main"])
 
 
-def schedule_rows(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """One pass per row for a multi-stage row kernel (LayerNorm: sums, variance, isqrt steps,
-    magic divisor, normalise; Softmax: max, exp, sum, reciprocal, scale): the last stage's outer
-    loops fused and parallel, each earlier stage inlined into its readers when it is elementwise
-    over the whole tensor (no row-sized temporary) unless its name ends in "_row" (a row of
-    values worth keeping, e.g. Softmax's exponentials), else computed at that row loop. None
-    when the kernel has a single stage or does not fit that shape."""
-    sch = Schedule(func)
+def row_kernel_shape(sch: Schedule) -> tuple[list, Any, list, list[int]] | None:
+    """(stages, last stage, its loops, its extents) of a multi-stage row kernel: at least two
+    stages, the last one spatial over >= 2 loops (rows..., row elements); else None."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     if len(blocks) < 2:
         return None
@@ -480,7 +477,21 @@ def schedule_rows(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     iters = sch.get(last).iter_vars
     if len(loops) < 2 or any(iv.iter_type != 0 for iv in iters):
         return None
-    out_extent = [int(iv.dom.extent) for iv in iters]
+    return blocks, last, loops, [int(iv.dom.extent) for iv in iters]
+
+
+def schedule_rows(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """One pass per row for a multi-stage row kernel (LayerNorm: sums, variance, isqrt steps,
+    magic divisor, normalise; Softmax: max, exp, sum, reciprocal, scale): the last stage's outer
+    loops fused and parallel, each earlier stage inlined into its readers when it is elementwise
+    over the whole tensor (no row-sized temporary) unless its name ends in "_row" (a row of
+    values worth keeping, e.g. Softmax's exponentials), else computed at that row loop. None
+    when the kernel has a single stage or does not fit that shape."""
+    sch = Schedule(func)
+    shape = row_kernel_shape(sch)
+    if shape is None:
+        return None
+    blocks, last, loops, out_extent = shape
     try:
         row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         for block in reversed(blocks[:-1]):

@@ -305,22 +305,17 @@ def schedule_row_blocks(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     """One warp per row for a multi-stage row kernel (LayerNorm, Softmax), `ROWS_PER_BLOCK` rows
     per thread block: the last stage's row loops split over blockIdx.x / threadIdx.y; every
     earlier stage computed inside that row into shared memory (elementwise whole-tensor stages
-    are inlined unless named "_row"); each stage's loop over the row split
-    over the warp's 32 lanes (threadIdx.x). A row reduction therefore becomes a warp all-reduce
+    are inlined unless named "_row"); each stage's loop over the row split over the warp's 32
+    lanes (threadIdx.x). A row reduction therefore becomes a warp all-reduce
     (shuffles), a per-row scalar stage (mean, a Newton step of the isqrt, the magic divisor) runs
     on one lane, and TVM inserts the barriers between stages. Small blocks let many rows run at
     once on each SM, which hides the serial per-row steps. None when the kernel does not have
     that shape (the caller then uses `schedule_rows`)."""
     sch = Schedule(func)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    if len(blocks) < 2:
+    shape = cpu.row_kernel_shape(sch)
+    if shape is None:
         return None
-    last = blocks[-1]
-    loops = sch.get_loops(last)
-    iters = sch.get(last).iter_vars
-    if len(loops) < 2 or any(iv.iter_type != 0 for iv in iters):
-        return None
-    out_extent = [int(iv.dom.extent) for iv in iters]
+    blocks, last, loops, out_extent = shape
     try:
         # Split the innermost row loop, not the fused one: a block's rows then differ only in
         # that index, so every per-row shared buffer spans ROWS_PER_BLOCK rows (a split of the
