@@ -342,47 +342,43 @@ def load_cuda_runtime() -> bool:
     return False
 
 
+def nvcc_fatbin(code: str, arch: str, nvcc: str = "nvcc", ptx: bool = False) -> bytes:
+    """Compile CUDA C ``code`` with nvcc to a fatbin holding the SASS for ``arch`` (``sm_90`` or
+    ``90``), and with ``ptx`` its PTX too (so newer GPUs can JIT it). Raises FileNotFoundError
+    without nvcc and RuntimeError, carrying nvcc's message, when nvcc rejects the code."""
+    import subprocess
+
+    num = arch.replace("sm_", "")
+    code_arg = f"[sm_{num},compute_{num}]" if ptx else f"sm_{num}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.fatbin")
+        with open(src, "w") as f:
+            f.write(code)
+        cmd = [nvcc, "--fatbin", "-O3", "-w", "--expt-relaxed-constexpr"]
+        cmd += ["-gencode", f"arch=compute_{num},code={code_arg}", "-o", out, src]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout or "")[-3000:]
+            raise RuntimeError(f"nvcc failed (exit {proc.returncode}) for sm_{num}:\n{tail}")
+        with open(out, "rb") as f:
+            return f.read()
+
+
 def install_cuda_jit_nvcc(nvcc: str = "nvcc") -> None:
     """Make CUDA modules loadable in a runtime-only process on a machine with ``nvcc``.
 
     TVM 0.27 stores CUDA kernels in the exported .so as CUDA C source (format "cuda") and compiles
     them when the module is loaded, through the Python callback ``tvm_callback_cuda_compile``. The
     stock callback (tvm.support.nvcc) needs ``Target.current``, which does not exist with
-    ``TVM_USE_RUNTIME_LIB=1``, and NVRTC needs ``cuda-python``. This replacement runs ``nvcc
-    --fatbin`` for the current GPU's architecture (device 0). Load time: ~1-3 s per module.
+    ``TVM_USE_RUNTIME_LIB=1``, and NVRTC needs ``cuda-python``. This replacement runs
+    `nvcc_fatbin` for the current GPU's architecture (device 0). Load time: ~1-3 s per module.
     """
-    import subprocess
-
     import tvm_ffi
 
     @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
     def _compile(code: str) -> bytearray:
         arch = tvm.cuda(0).compute_version.replace(".", "")
-        with tempfile.TemporaryDirectory() as tmp:
-            src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.fatbin")
-            with open(src, "w") as f:
-                f.write(code)
-            proc = subprocess.run(
-                [
-                    nvcc,
-                    "--fatbin",
-                    "-O3",
-                    "-gencode",
-                    f"arch=compute_{arch},code=sm_{arch}",
-                    "--expt-relaxed-constexpr",
-                    "-w",
-                    "-o",
-                    out,
-                    src,
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if proc.returncode != 0:
-                tail = (proc.stderr or proc.stdout or "")[-3000:]
-                raise RuntimeError(f"nvcc failed (exit {proc.returncode}) for sm_{arch}:\n{tail}")
-            with open(out, "rb") as f:
-                return bytearray(f.read())
+        return bytearray(nvcc_fatbin(code, arch, nvcc))
 
 
 def load_executable(path: str | os.PathLike[str]) -> tvm.runtime.Module:

@@ -7,10 +7,12 @@ the product, int32 accumulation), so
 * a dense layer keeps its weight as a compile-time constant transposed to ``W^T[N, K]``;
 * a convolution is an im2col stage (data movement) followed by the same GEMM;
 * an activation x activation product (attention) is a batched GEMM on the runtime operands; the
-  q / k / v heads are read straight out of the fused qkv projection through their data movement
-  and Requantize (`_bmm_operand`), and uint8 probabilities enter the s8 tensor cores as p - 128.
+  q / k / v heads are each written once as int8 operands by one kernel that applies their data
+  movement and Requantize (`_bmm_operand`), and uint8 probabilities enter the s8 tensor cores as
+  p - 128.
 
-A Requantize that alone reads a GEMM's output runs in the GEMM's write-back (`epilogue_requant`).
+A Requantize that alone reads a GEMM's output runs in the GEMM's write-back (`epilogue_requant`),
+and after a dense layer so does a following int8 ShiftGELU table or residual IntAdd.
 Every GEMM gets our own schedule, `schedule_int8_wmma` (16x16x16 s8 -> s32 WMMA, tile chosen by
 shape from tiles measured by benchmarks/gpu_gemm.py); LayerNorm / Softmax get
 `schedule_row_blocks` (a warp per row). The remaining elementwise kernels go through TVM's CUDA
@@ -26,10 +28,7 @@ once (`check_cuda_compiles`), so a kernel nvcc rejects fails the compile, not th
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,9 +72,7 @@ def dense_nt_te(
             return table[0][v.astype("int32") + 128].astype(table[1])
         if residual is not None:  # IntAdd: saturate(v + other), other maybe Requantize(t)
             t, t_rq, lo, hi, dt = residual
-            w = t[i, j] if t_rq is None else te_ops.requant_expr(t[i, j], *t_rq)
-            s = v.astype("int64") + w.astype("int64")
-            return tirx.min(tirx.max(s, lo), hi).astype(dt)
+            return te_ops.int_add_expr(v, t[i, j], lo, hi, dt, rq_b=t_rq)
         return v
 
     return te.compute((m, n), value, name="y")
@@ -160,7 +157,7 @@ class WmmaTile:
 TILE_LARGE = WmmaTile(2, 4, 2, 2, 4)
 #: 64 x 64 block, 4 warps of 32 x 32, k-slices of 64 (GEMMs with few blocks of the large tile).
 TILE_SMALL = WmmaTile(2, 2, 2, 2, 4)
-#: SMs of an H100; tile choice only aims to give every SM a block.
+#: SMs of an H100; tile choice only aims to give every SM two blocks.
 _SM_COUNT = 132
 
 
@@ -178,17 +175,15 @@ def _vector_lanes(elements: int, threads: int, max_lanes: int = 16) -> int:
     return lanes
 
 
-def schedule_int8_wmma(
-    func: tirx.PrimFunc, tile: WmmaTile | None = None, max_lanes: int = 16
-) -> tirx.PrimFunc | None:
+def schedule_int8_wmma(func: tirx.PrimFunc, tile: WmmaTile | None = None) -> tirx.PrimFunc | None:
     """int8 x int8 -> int32 GEMM / batched GEMM on tensor cores (16x16x16 s8 WMMA).
 
     The reduction block is normalised to C[S, I, J] += A[S, I, K] * B[S, J, K] and padded to the
     tile; per thread block A and B k-slices are staged in shared memory (16-byte vector loads,
     rows padded against bank conflicts), each warp keeps its fragments in registers over the whole
     k loop, and the accumulators go through shared memory to global with the epilogue (bias,
-    folded Requantize) inlined into that write. Blocks: x over column tiles, y over row tiles, z
-    over the batch. None when `func` is not such a GEMM.
+    folded Requantize, GELU table, residual add) inlined into that write. Blocks: x over column
+    tiles, y over row tiles, z over the batch. None when `func` is not such a GEMM.
     """
     from tvm.s_tir.dlight.gpu.matmul import (
         auto_inline_consumer_chain,
@@ -242,8 +237,7 @@ def schedule_int8_wmma(
             fused = sch.fuse(*sch.get_loops(blk)[-2:])
             threads = 32 * t.warps
             # (TVM 0.27 prints a padded 16 x int8 load's zero as a 16-argument make_int4)
-            widest = min(max_lanes, 4 if padded else 16)
-            lanes = _vector_lanes(rows * 16 * t.k_frags, threads, widest)
+            lanes = _vector_lanes(rows * 16 * t.k_frags, threads, 4 if padded else 16)
             _, ty, tx, vec = sch.split(fused, [None, t.warps, 32, lanes])
             sch.bind(ty, "threadIdx.y")
             sch.bind(tx, "threadIdx.x")
@@ -529,7 +523,7 @@ def _residual_add(ctx, rq_node, rows: int) -> tuple[Any, Any]:
         return None, None
     src, o_rq = other, None
     fr = ctx.fusable_requant(other)
-    if fr is not None and len(ctx.consumers.get(other, [])) == 1:
+    if fr is not None:
         src, o_rq = fr
     if src not in ctx.env:
         return None, None
@@ -552,12 +546,7 @@ def _bmm_operand(ctx, name: str, transpose: bool) -> relax.Expr:
     lead, (m, k) = shape[:-2], shape[-2:]
     g = int(np.prod(lead))
     fr = ctx.fusable_requant(name)
-    if (
-        fr is None
-        or fr[1][4] != "int8"
-        or len(ctx.consumers.get(name, [])) != 1
-        or name in ctx.graph_outputs
-    ):
+    if fr is None or fr[1][4] != "int8":
         x3 = ctx.bb.emit(relax.op.reshape(ctx.value(name), (g, m, k)))
         if not transpose:
             return x3
@@ -704,23 +693,13 @@ def cuda_pipeline(target: tvm.target.Target) -> Any:
 
 
 def nvcc_fatbin(code: str, arch: str, nvcc: str = "nvcc") -> bytes:
-    """Compile CUDA C ``code`` for ``arch`` (e.g. ``sm_90``) to a fatbin holding the SASS for that
-    architecture and its PTX (so newer GPUs can JIT it)."""
-    num = arch.replace("sm_", "")
-    with tempfile.TemporaryDirectory() as tmp:
-        src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.fatbin")
-        with open(src, "w") as f:
-            f.write(code)
-        cmd = [nvcc, "--fatbin", "-O3", "-w", "--expt-relaxed-constexpr"]
-        cmd += ["-gencode", f"arch=compute_{num},code=[sm_{num},compute_{num}]", "-o", out, src]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-        except FileNotFoundError as e:
-            raise LoweringError(f"cuda-int8 needs nvcc to compile kernels ({nvcc!r})") from e
-        except subprocess.CalledProcessError as e:
-            raise LoweringError(f"nvcc failed for {arch}: {e.stderr[-2000:]}") from e
-        with open(out, "rb") as f:
-            return f.read()
+    """`compat.nvcc_fatbin` with the PTX kept (newer GPUs can JIT it), errors as LoweringError."""
+    try:
+        return compat.nvcc_fatbin(code, arch, nvcc, ptx=True)
+    except FileNotFoundError as e:
+        raise LoweringError(f"cuda-int8 needs nvcc to compile kernels ({nvcc!r})") from e
+    except RuntimeError as e:
+        raise LoweringError(str(e)) from e
 
 
 def check_cuda_compiles(code: str, arch: str) -> bool:

@@ -75,10 +75,13 @@ class LowerCtx:
 
     def fusable_requant(self, tensor: str) -> tuple[str, tuple] | None:
         """(input name, (b, c, lo, hi, dtype)) when `tensor` is the output of a per-tensor
-        Requantize that no kernel has absorbed yet, so that a reader may apply it itself (the
-        Requantize's own kernel then goes unused and dead-code elimination drops it)."""
+        Requantize that no kernel has absorbed yet, read by one node only and no graph output,
+        so that its reader may apply it itself (the Requantize's own kernel then goes unused and
+        dead-code elimination drops it)."""
         node = self.producers.get(tensor)
         if node is None or node.op_type != "Requantize" or tensor in self.folded:
+            return None
+        if len(self.consumers.get(tensor, [])) != 1 or tensor in self.graph_outputs:
             return None
         rq = self.per_tensor_requant(node)
         return (node.input[0], rq) if rq is not None else None
@@ -373,11 +376,7 @@ def _int_add(ctx: LowerCtx, node, attrs):
     args, rqs = [], []
     for name in node.input[:2]:  # a per-tensor Requantize read only here is applied here
         fr = ctx.fusable_requant(name)
-        if (
-            fr is not None
-            and len(ctx.consumers.get(name, [])) == 1
-            and name not in ctx.graph_outputs
-        ):
+        if fr is not None:
             args.append(ctx.value(fr[0]))
             rqs.append(fr[1])
         else:

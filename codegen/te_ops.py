@@ -77,17 +77,21 @@ def int_add(
         off = len(idx) - len(t.shape)
         return [0 if int(t.shape[k]) == 1 else idx[off + k] for k in range(len(t.shape))]
 
-    def operand(t: te.Tensor, rq, idx):
-        v = t(*index(t, idx))
-        return _i64(requant_expr(v, *rq) if rq is not None else v)
-
     return te.compute(
         tuple(out_shape),
-        lambda *i: tirx.min(tirx.max(operand(a, rq_a, i) + operand(b, rq_b, i), lo), hi).astype(
-            dtype
-        ),
+        lambda *i: int_add_expr(a(*index(a, i)), b(*index(b, i)), lo, hi, dtype, rq_a, rq_b),
         name="int_add",
     )
+
+
+def int_add_expr(x, y, lo: int, hi: int, dtype: str, rq_a=None, rq_b=None):
+    """IntAdd of two int expressions: saturate(x' + y') to [lo, hi] in int64, x' = Requantize(x)
+    when `rq_a` = (b, c, lo, hi, dtype) is given (per-tensor), likewise y'."""
+
+    def operand(v, rq):
+        return _i64(requant_expr(v, *rq) if rq is not None else v)
+
+    return tirx.min(tirx.max(operand(x, rq_a) + operand(y, rq_b), lo), hi).astype(dtype)
 
 
 def _row_reduce(x: te.Tensor, body, name: str, kind: str = "sum") -> te.Tensor:
