@@ -44,6 +44,7 @@ __all__ = [
     "host_has_avx2",
     "host_has_avx512",
     "host_has_vnni",
+    "import_tvmscript_module",
     "install_cuda_jit_nvcc",
     "iter_tir_functions",
     "load_cuda_runtime",
@@ -56,6 +57,38 @@ __all__ = [
     "to_numpy",
     "virtual_machine",
 ]
+
+def import_tvmscript_module(name: str) -> Any:
+    """Import a TVM module that parses TVMScript functions at import (e.g.
+    ``tvm.s_tir.tensor_intrin.cuda``, hundreds of them) with a cheap ``inspect.stack``.
+
+    TVM's ``T.prim_func`` calls ``inspect.stack()``, which looks up every frame's source file;
+    for frames without one (the import machinery's) that lookup scans all of ``sys.modules``
+    each time. With torch loaded this one import took 60-120 s on the 2-core machine. The
+    parser uses the frames (for closure variables) and a line of context only to detect
+    functions defined in a class body, which these modules have none of; so while they import,
+    the stack's entries carry the frames without file lookups or context lines."""
+    import importlib
+    import inspect
+    import sys
+
+    def cheap_stack(context: int = 1) -> list:
+        out, frame = [], sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            out.append(
+                inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, None, None)
+            )
+            frame = frame.f_back
+        return out
+
+    original = inspect.stack
+    inspect.stack = cheap_stack
+    try:
+        return importlib.import_module(name)
+    finally:
+        inspect.stack = original
+
 
 #: Byte alignment TVM kernels assume for every buffer (``kAllocAlignment``).
 ALIGNMENT = 64

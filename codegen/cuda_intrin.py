@@ -9,9 +9,12 @@ source file: the TVMScript parser reads the functions' source.
 
 from __future__ import annotations
 
-import tvm.s_tir.tensor_intrin.cuda  # noqa: F401  (register TVM's intrinsics first)
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
+
+from intq.codegen import compat
+
+compat.import_tvmscript_module("tvm.s_tir.tensor_intrin.cuda")  # TVM's intrinsics first
 
 FILL_S32 = "wmma_fill_16x16x16_s32"
 _M = _N = _K = 16
