@@ -123,14 +123,17 @@ def magic_divisor(d: Any, n_bits: int, d_bits: int, xp: Any = NUMPY) -> tuple[An
     return ((xp.i64(1) << s) + d - 1) // d, s
 
 
-def div_floor_magic(n: Any, m: Any, s: Any) -> Any:
+def div_floor_magic(n: Any, m: Any, s: Any, xp: Any = NUMPY) -> Any:
     """floor(n / d) for |n| < 2^N given (m, s) = magic_divisor(d, N, .), N <= MAGIC_MAX_BITS:
     n < 0 goes through floor(n / d) = ~floor(~n / d) (~n = -n - 1 >= 0), so only
     0 <= u < 2^N is divided: ((u * m) >> s) with u, m < 2^32 masked to 32 bits (identities within
-    those bounds; they let the compiler use a 32 x 32 -> 64-bit multiply)."""
+    those bounds; they let the compiler use a 32 x 32 -> 64-bit multiply). The mask is an int64
+    constant (`xp.i64`): TVM turns a bare Python 2^32 - 1 into int64 -1, a mask that does
+    nothing."""
     sign = n >> 63  # 0 or -1
     u = n ^ sign
-    return (((u & _LOW32) * (m & _LOW32)) >> s) ^ sign
+    low = xp.i64(_LOW32)
+    return (((u & low) * (m & low)) >> s) ^ sign
 
 
 def row_div_bits(a_bits: int, b_bits: int) -> int | None:
@@ -159,7 +162,7 @@ def div_round_by_row(
     if row_div_bits(a_bits, b_bits) is None:
         return div_round(a, b)
     m, s = magic if magic is not None else row_magic(b, a_bits, b_bits, xp)
-    return div_floor_magic(2 * a + b, m, s)
+    return div_floor_magic(2 * a + b, m, s, xp)
 
 
 def isqrt_step(x: Any, n: Any, xp: Any = NUMPY) -> Any:
