@@ -38,7 +38,7 @@ from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
 from intq.codegen import compat, cpu, cuda_intrin, te_ops  # noqa: F401 (int32 WMMA fill)
-from intq.codegen.lower import gelu_table, movement_source
+from intq.codegen.lower import gelu_table, movement_source, requant_split
 from intq.errors import LoweringError
 from intq.ops import lookup
 from intq.ops.core import out_dtype
@@ -49,14 +49,15 @@ CUDA_GRAPH_CONFIG = "relax.backend.use_cuda_graph"
 
 
 def dense_nt_te(
-    x: te.Tensor, wt: te.Tensor, bias: te.Tensor, rq=None, table=None, residual=None
+    x: te.Tensor, wt: te.Tensor, bias: te.Tensor, rq=None, table=None, residual=None, rq2=None
 ) -> te.Tensor:
     """y[m, n] = sum_k int32(x[m, k]) * int32(Wt[n, k]) + bias[n]  (int8 x int8 -> int32), or
     Requantize(y) when `rq` = (b, c, lo, hi, dtype) is folded into the write-back (b, c python
     ints or per-column te.Tensors), then table[. + 128] when `table` = (int32 te.Tensor of 256
     entries, dtype) is (an int8 ShiftGELU tabulated by `lower.gelu_table`), or saturate(. + r)
     when `residual` = (r: [m, n] te.Tensor, its per-tensor Requantize or None, lo, hi, dtype) is
-    (the IntAdd of a residual connection)."""
+    (the IntAdd of a residual connection), or a second Requantize `rq2` (per column: the
+    Requantizes of the q / k / v heads cut out of a fused projection, `lower.RequantSplit`)."""
     m, k_len = x.shape
     n = wt.shape[0]
     k = te.reduce_axis((0, k_len), name="k")
@@ -68,6 +69,8 @@ def dense_nt_te(
 
     def value(i, j):
         v = cpu._epilogue(acc[i, j] + bias[j], j, rq)
+        if rq2 is not None:
+            return cpu._epilogue(v, j, rq2)
         if table is not None:
             return table[0][v.astype("int32") + 128].astype(table[1])
         if residual is not None:  # IntAdd: saturate(v + other), other maybe Requantize(t)
@@ -409,14 +412,26 @@ class CudaKernels:
         rq=None,
         table: np.ndarray | None = None,
         residual=None,
+        rq2=None,
+        x_view=None,
     ) -> relax.Expr:
         """[M, K] int8 x constant [K, N] int8 (+ bias) -> [M, N] int32, or Requantize of it when
-        `rq` = (b, c, lo, hi, dtype) (ints, or int32 arrays per column) is folded in."""
+        `rq` = (b, c, lo, hi, dtype) (ints, or int32 arrays per column) is folded in; `x_view`
+        = (shape, index map) when `x2d` is a buffer read through a view."""
         k, n = w_kn.shape
         wt = relax.const(np.ascontiguousarray(w_kn.astype(np.int8).T))
         b = relax.const((bias if bias is not None else np.zeros(n)).astype(np.int32).reshape(n))
+        views = {0: x_view} if x_view is not None else None
         return _emit_with_rq(
-            ctx, dense_nt_te, [x2d, wt, b], rq, "int8_dense", table=table, residual=residual
+            ctx,
+            dense_nt_te,
+            [x2d, wt, b],
+            rq,
+            "int8_dense",
+            table=table,
+            residual=residual,
+            rq2=rq2,
+            views=views,
         )
 
     def dense(self, ctx, node) -> relax.Expr:
@@ -426,7 +441,7 @@ class CudaKernels:
             return _plain_matmul(ctx, node)
         bias = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         rows = int(np.prod(a_shape[:-1]))
-        x2d = ctx.bb.emit(relax.op.reshape(ctx.value(node.input[0]), (rows, a_shape[-1])))
+        x2d, x_view = _dense_input(ctx, node.input[0], rows, int(a_shape[-1]))
         rq_node, rq = ctx.epilogue_requant(node)
         gelu, table, last = None, None, None
         if rq_node is not None and rq[4] == "int8":  # an int8 ShiftGELU after it: tabulated
@@ -438,7 +453,17 @@ class CudaKernels:
         if rq_node is not None and table is None:
             add, residual = _residual_add(ctx, rq_node, rows)
             last = add
-        y = self._gemm(ctx, x2d, w, bias, rq, table, residual)
+        split, rq2 = None, None
+        if table is None and add is None:  # q / k / v heads: Requantized in the write-back
+            split = requant_split(ctx, (rq_node or node).output[0])
+            if split is not None:
+                rq, rq2 = (split.rq, None) if rq is None else (rq, split.rq)
+        y = self._gemm(ctx, x2d, w, bias, rq, table, residual, rq2=rq2, x_view=x_view)
+        if split is not None:  # readers index the heads inside y (lower.View)
+            split.bind(ctx, y, (rows, w.shape[1]))
+            if rq_node is not None:
+                ctx.skipped.add(rq_node.output[0])
+            return y
         out_name = (last or rq_node or node).output[0]
         out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[out_name]))
         if table is not None:  # GEMM -> Requantize -> IntGELU [-> Requantize] in one kernel
@@ -465,22 +490,40 @@ class CudaKernels:
         dts = (ctx.dtypes[node.input[0]], ctx.dtypes[node.input[1]])
         if dts not in (("int8", "int8"), ("uint8", "int8")):
             return _plain_matmul(ctx, node)
-        a3 = _bmm_operand(ctx, node.input[0], transpose=False)
-        bt = _bmm_operand(ctx, node.input[1], transpose=True)
+        a3, a_view = _bmm_operand(ctx, node.input[0], transpose=False)
+        bt, b_view = _bmm_operand(ctx, node.input[1], transpose=True)
+        views = {i: v for i, v in enumerate((a_view, b_view)) if v is not None}
         rq_node, rq = ctx.epilogue_requant(node)
+        split = None
+        if rq_node is None:  # a Requantize behind the heads' merge: in the write-back
+            split = requant_split(ctx, node.output[0])
+            rq = split.rq if split is not None else None
         if dts == ("int8", "int8"):
             y = _emit_with_rq(
-                ctx, lambda a, b, **kw: bmm_te(a, b, b_nt=True, **kw), [a3, bt], rq, "int8_bmm"
+                ctx,
+                lambda a, b, **kw: bmm_te(a, b, b_nt=True, **kw),
+                [a3, bt],
+                rq,
+                "int8_bmm",
+                views=views,
             )
         else:
-            cs = ctx.bb.emit_te(rowsum_te, bt, primfunc_name_hint="rowsum")
+            cs = ctx.bb.emit_te(
+                lambda t: rowsum_te(_read_view(t, *b_view) if b_view else t),
+                bt,
+                primfunc_name_hint="rowsum",
+            )
             y = _emit_with_rq(
                 ctx,
                 lambda a, b, c, **kw: bmm_te(a, b, c, b_nt=True, **kw),
                 [a3, bt, cs],
                 rq,
                 "u8s8_bmm",
+                views=views,
             )
+        if split is not None:
+            split.bind(ctx, y, (int(np.prod(sa[:-2])), int(sa[-2]), int(sb[-1])))
+            return y
         out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
         if rq_node is not None:
             ctx.bind_folded(rq_node, out)
@@ -545,37 +588,76 @@ def _bmm_operand(ctx, name: str, transpose: bool) -> relax.Expr:
     shape = [int(d) for d in ctx.shapes[name]]
     lead, (m, k) = shape[:-2], shape[-2:]
     g = int(np.prod(lead))
+    hint = "operand_t" if transpose else "operand"
+    view = ctx.views.get(name)
+    if view is not None:  # a head inside the projection's output (lower.View)
+        if transpose:
+            op_shape = (g, k, m)
+            index = lambda i: view.index([*_unflatten(i[0], lead), i[2], i[1]])  # noqa: E731
+        else:
+            op_shape = (g, m, k)
+            index = lambda i: view.index([*_unflatten(i[0], lead), i[1], i[2]])  # noqa: E731
+        if view.contiguous(len(shape) - (2 if transpose else 1)):  # tile loads run along it
+            return view.source, (op_shape, index)
+        copy = ctx.bb.emit_te(
+            lambda t: _read_view(t, op_shape, index), view.source, primfunc_name_hint=hint
+        )
+        return copy, None
     fr = ctx.fusable_requant(name)
     if fr is None or fr[1][4] != "int8":
         x3 = ctx.bb.emit(relax.op.reshape(ctx.value(name), (g, m, k)))
         if not transpose:
-            return x3
-        return ctx.bb.emit_te(transpose_te, x3, primfunc_name_hint="operand_t")
+            return x3, None
+        return ctx.bb.emit_te(transpose_te, x3, primfunc_name_hint="operand_t"), None
     src, index = movement_source(ctx, fr[0])
     b, c, lo, hi, dt = fr[1]
 
     def view(t: te.Tensor) -> te.Tensor:
         def f(gg, i, kk):
-            idx = []
-            for d in reversed(lead):
-                idx.insert(0, gg % d)
-                gg = gg // d
-            return te_ops.requant_expr(t(*index([*idx, i, kk])), b, c, lo, hi, dt)
+            v = t(*index([*_unflatten(gg, lead), i, kk]))
+            return te_ops.requant_expr(v, b, c, lo, hi, dt)
 
         if transpose:
             return te.compute((g, k, m), lambda gg, kk, i: f(gg, i, kk), name="operand_t")
         return te.compute((g, m, k), f, name="operand")
 
-    hint = "operand_t" if transpose else "operand"
-    return ctx.bb.emit_te(view, ctx.value(src), primfunc_name_hint=hint)
+    return ctx.bb.emit_te(view, ctx.value(src), primfunc_name_hint=hint), None
 
 
-def _emit_with_rq(ctx, te_fn, args: list, rq, name: str, table=None, residual=None) -> relax.Expr:
-    """Emit `te_fn(*args, rq=..., [table=...])`; per-column multipliers / shifts of `rq` and the
-    256-entry `table` (numpy, applied after `rq`) enter as constants; `residual` = (relax value,
-    its Requantize or None, lo, hi, dtype) is added after `rq`."""
-    per_channel = rq is not None and isinstance(rq[0], np.ndarray)
-    extra = [relax.const(rq[0]), relax.const(rq[1])] if per_channel else []
+def _unflatten(i, dims: list[int]) -> list:
+    """Row-major multi-index over `dims` of the flat index `i`."""
+    out = []
+    for d in reversed(dims):
+        out.insert(0, i % d)
+        i = i // d
+    return out
+
+
+def _dense_input(ctx, name: str, rows: int, k: int) -> tuple[relax.Expr, Any]:
+    """The dense layer's [rows, k] input: (value, None), or (buffer, (shape, index map)) when
+    `name` is a view contiguous along k (e.g. the attention heads merged inside the
+    probabilities.V output): the GEMM's tile loads then read it in place."""
+    view = ctx.views.get(name)
+    if view is not None and view.contiguous(len(view.shape) - 1):
+        lead = list(view.shape[:-1])
+        return view.source, ((rows, k), lambda i: view.index([*_unflatten(i[0], lead), i[1]]))
+    return ctx.bb.emit(relax.op.reshape(ctx.value(name), (rows, k))), None
+
+
+def _emit_with_rq(
+    ctx, te_fn, args: list, rq, name: str, table=None, residual=None, rq2=None, views=None
+) -> relax.Expr:
+    """Emit `te_fn(*args, rq=..., [table=..., residual=..., rq2=...])`; per-column multipliers /
+    shifts of `rq` / `rq2` and the 256-entry `table` (numpy, applied after `rq`) enter as
+    constants; `residual` = (relax value, its Requantize or None, lo, hi, dtype) is added after
+    `rq`. `views` maps an argument's position to (shape, index map): that argument is then a
+    buffer read through the map (`lower.View`), e.g. a q head inside the qkv projection."""
+    views = views or {}
+    per_channel = [r is not None and isinstance(r[0], np.ndarray) for r in (rq, rq2)]
+    extra = []
+    for r, pc in zip((rq, rq2), per_channel, strict=True):
+        if pc:
+            extra += [relax.const(r[0]), relax.const(r[1])]
     if table is not None:
         extra.append(relax.const(table.astype(np.int32)))  # 32-bit entries
     if residual is not None:
@@ -584,18 +666,29 @@ def _emit_with_rq(ctx, te_fn, args: list, rq, name: str, table=None, residual=No
 
     def fn(*ts):
         rest, kw = list(ts[n_args:]), {}
-        kw["rq"] = (rest.pop(0), rest.pop(0), *rq[2:]) if per_channel else rq
+        for key, r, pc in zip(("rq", "rq2"), (rq, rq2), per_channel, strict=True):
+            if r is not None:
+                kw[key] = (rest.pop(0), rest.pop(0), *r[2:]) if pc else r
         if table is not None:
             kw["table"] = (rest.pop(0), str(table.dtype))
         if residual is not None:
             kw["residual"] = (rest.pop(0), *residual[1:])
-        return te_fn(*ts[:n_args], **kw)
+        operands = [
+            _read_view(t, *views[i]) if i in views else t for i, t in enumerate(ts[:n_args])
+        ]
+        return te_fn(*operands, **kw)
 
-    name += ("_rq" if rq is not None else "") + ("_pc" if per_channel else "")
+    name += ("_rq" if rq is not None else "") + ("_pc" if per_channel[0] else "")
+    name += "_split" if rq2 is not None else ""
     name += "_table" if table is not None else ""
     name += "_add" if residual is not None else ""
     attrs = {"intq.kernel": "gemm"}
     return ctx.bb.emit_te(fn, *args, *extra, primfunc_name_hint=name, primfunc_attrs=attrs)
+
+
+def _read_view(t: te.Tensor, shape, index) -> te.Tensor:
+    """A compute reading buffer `t` through `index` (inlined into the GEMM's tile loads)."""
+    return te.compute(tuple(shape), lambda *i: t(*index(list(i))), name="view")
 
 
 def _plain_matmul(ctx, node) -> relax.Expr:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from tvm import relax
+from tvm import relax, te
 
 from intq.codegen import te_ops
 from intq.errors import LoweringError
@@ -53,6 +53,36 @@ def supported_ops() -> set[str]:
     return set(_LOWERINGS)
 
 
+@dataclass(frozen=True)
+class View:
+    """A tensor of `shape` whose element idx is `source`[index(idx)]: written by another kernel
+    into that kernel's own output buffer (e.g. a q / k / v head inside the fused projection)."""
+
+    source: relax.Expr
+    shape: tuple[int, ...]
+    index: Callable[[list], list]
+    source_shape: tuple[int, ...]
+
+    def contiguous(self, axis: int) -> bool:
+        """Whether consecutive elements along `axis` are consecutive in the row-major source
+        (checked at the first and the last run along it): a reader can load along that axis."""
+        n = self.shape[axis]
+        if n < 2:
+            return True
+        for base in (0, 1):
+            at = [(d - 1) * base for d in self.shape]
+            at[axis] = (n - 2) * base
+            first = _flat(self.index(list(at)), self.source_shape)
+            at[axis] += 1
+            if _flat(self.index(list(at)), self.source_shape) - first != 1:
+                return False
+        return True
+
+
+def _flat(idx: Sequence[int], shape: Sequence[int]) -> int:
+    return int(sum(int(i) * s for i, s in zip(idx, _strides(shape), strict=True)))
+
+
 @dataclass
 class LowerCtx:
     bb: relax.BlockBuilder
@@ -67,6 +97,7 @@ class LowerCtx:
     graph_outputs: frozenset[str] = frozenset()
     folded: set[str] = field(default_factory=set)  # outputs of nodes run in another kernel
     skipped: set[str] = field(default_factory=set)  # outputs never materialised (fused away)
+    views: dict[str, View] = field(default_factory=dict)  # outputs written inside another buffer
 
     def bind_folded(self, node: onnx.NodeProto, value: relax.Expr) -> None:
         """`node` runs inside the kernel that computed `value` (its epilogue)."""
@@ -133,9 +164,25 @@ class LowerCtx:
             return None
         return b.astype(np.int32), c.astype(np.int32), lo, hi, dt
 
+    def bind_view(self, node: onnx.NodeProto, view: View) -> None:
+        """`node`'s output is never written on its own: its elements live in `view.source` (a
+        kernel wrote them there in its epilogue). Readers that can index it read it in place;
+        `value` materialises it for any other reader."""
+        self.views[node.output[0]] = view
+        self.skipped.add(node.output[0])
+
     def value(self, name: str) -> relax.Expr:
         if name in self.env:
             return self.env[name]
+        if name in self.views:  # a reader that cannot index the view: one copy kernel
+            v = self.views[name]
+            out = self.emit_te(
+                lambda t: te.compute(v.shape, lambda *i: t(*v.index(list(i))), name="view"),
+                v.source,
+                name="view_copy",
+            )
+            self.env[name] = out
+            return out
         if name in self.consts:
             v = relax.const(self.consts[name])
             self.env[name] = v
@@ -289,17 +336,23 @@ def _strides(shape: Sequence[int]) -> list[int]:
     return out[::-1]
 
 
+def reshape_index(src_shape: Sequence[int], out_shape: Sequence[int]) -> IndexMap:
+    """Index into a tensor of `src_shape` -> index of the same row-major element after a reshape
+    to `out_shape`."""
+    si, so = _strides(src_shape), _strides(out_shape)
+
+    def index(idx):
+        flat = sum((i * s for i, s in zip(idx, si, strict=True) if s), 0)
+        return [(flat // s) % int(d) for s, d in zip(so, out_shape, strict=True)]
+
+    return index
+
+
 def _movement_step(ctx: LowerCtx, node: onnx.NodeProto) -> IndexMap | None:
     """out index -> in index of one data-movement node, or None if it is not one we map."""
     src_shape, out_shape = ctx.shapes[node.input[0]], ctx.shapes[node.output[0]]
     if node.op_type in _RESHAPES:
-        so, si = _strides(out_shape), _strides(src_shape)
-
-        def reshape(idx):
-            flat = sum((i * s for i, s in zip(idx, so, strict=True) if s), 0)
-            return [(flat // s) % int(d) for s, d in zip(si, src_shape, strict=True)]
-
-        return reshape
+        return reshape_index(out_shape, src_shape)
     if node.op_type == "Transpose":
         perm = list(lookup(node).attrs_of(node)["perm"] or range(len(src_shape))[::-1])
 
@@ -338,6 +391,95 @@ def movement_source(ctx: LowerCtx, tensor: str) -> tuple[str, IndexMap]:
         return idx
 
     return tensor, index
+
+
+@dataclass(frozen=True)
+class RequantSplit:
+    """The per-tensor Requantizes at the leaves of the pure data-movement tree that alone reads
+    a kernel's output `tensor` (e.g. the fused qkv projection -> Reshape -> Transpose -> three
+    Gathers [-> Transpose] -> Requantize each), when the leaves cover every element of `tensor`
+    exactly once and every column (last axis) of it goes to a single leaf. The kernel can then
+    apply the leaves' Requantizes in its write-back (`rq`: per column) and their readers can read
+    them in place (`View`s of its output); the moved copies are never written."""
+
+    leaves: tuple[tuple[onnx.NodeProto, IndexMap], ...]  # Requantize, its out index -> tensor's
+    inner: tuple[str, ...]  # the movement outputs in between
+    rq: tuple  # (b, c, lo, hi, dtype): ints, or int32 arrays along `tensor`'s last axis
+    shape: tuple[int, ...]  # `tensor`'s shape
+
+    def bind(self, ctx: LowerCtx, source: relax.Expr, source_shape: Sequence[int]) -> None:
+        """Bind every leaf as a view of `source`: the kernel's output, holding `tensor`'s
+        elements in row-major order in a buffer of shape `source_shape`."""
+        src_shape = tuple(int(d) for d in source_shape)
+        to_source = reshape_index(self.shape, src_shape)
+        ctx.skipped.update(self.inner)
+        for node, index in self.leaves:
+            shape = tuple(int(d) for d in ctx.shapes[node.output[0]])
+            view_index = _compose([index, to_source])
+            ctx.bind_view(node, View(source, shape, view_index, src_shape))
+
+
+def _compose(steps: list[IndexMap]) -> IndexMap:
+    def index(idx):
+        for step in steps:
+            idx = step(list(idx))
+        return idx
+
+    return index
+
+
+def requant_split(ctx: LowerCtx, tensor: str) -> RequantSplit | None:
+    """See `RequantSplit`; None when `tensor` is not read that way. The cover is checked by
+    evaluating every leaf's index map on all of the leaf's indices."""
+    if tensor in ctx.graph_outputs or tensor not in ctx.shapes:
+        return None
+    leaves, inner, todo = [], [], [(tensor, [])]
+    while todo:
+        name, steps = todo.pop()
+        users = ctx.consumers.get(name, [])
+        if not users:
+            return None
+        for node in users:
+            if node.input[0] != name or name in node.input[1:]:
+                return None
+            if node.op_type == "Requantize":
+                rq = ctx.per_tensor_requant(node)
+                if rq is None:
+                    return None
+                leaves.append((node, rq, _compose(steps)))
+                continue
+            step = _movement_step(ctx, node)
+            if step is None or node.output[0] in ctx.graph_outputs:
+                return None
+            inner.append(node.output[0])
+            todo.append((node.output[0], [step, *steps]))
+    if not leaves or len({rq[2:] for _, rq, _ in leaves}) != 1:
+        return None
+    shape = tuple(int(d) for d in ctx.shapes[tensor])
+    size, n = int(np.prod(shape)), shape[-1]
+    strides = np.array(_strides(shape), dtype=np.int64)
+    count = np.zeros(size, dtype=np.int64)
+    col_leaf = np.full(n, -1, dtype=np.int64)
+    for li, (node, _, index) in enumerate(leaves):
+        lshape = [int(d) for d in ctx.shapes[node.output[0]]]
+        grid = [a.reshape(-1) for a in np.indices(lshape, dtype=np.int64)]
+        at = index(grid)
+        flat = sum(np.asarray(i, dtype=np.int64) * s for i, s in zip(at, strides, strict=True))
+        flat = np.broadcast_to(flat, grid[0].shape if grid else ())
+        count += np.bincount(flat.reshape(-1), minlength=size)
+        cols = np.flatnonzero(np.bincount(flat.reshape(-1) % n, minlength=n))
+        if (col_leaf[cols] != -1).any() or flat.size != size // n * cols.size:
+            return None
+        col_leaf[cols] = li
+    if (count != 1).any() or (col_leaf < 0).any():
+        return None
+    b = np.array([leaves[i][1][0] for i in col_leaf], dtype=np.int64)
+    c = np.array([leaves[i][1][1] for i in col_leaf], dtype=np.int64)
+    if (b == b[0]).all() and (c == c[0]).all():
+        rq = (int(b[0]), int(c[0]), *leaves[0][1][2:])
+    else:
+        rq = (b.astype(np.int32), c.astype(np.int32), *leaves[0][1][2:])
+    return RequantSplit(tuple((nd, ix) for nd, _, ix in leaves), tuple(inner), rq, shape)
 
 
 # ------------------------------------------------------------------ intq ops (TE computes)

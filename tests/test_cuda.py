@@ -197,3 +197,87 @@ extern "C" __global__ void k(int* a) {
 """
     with pytest.raises(LoweringError, match="shared data"):
         check_cuda_compiles(too_big, "sm_90")
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_cuda_lowering_matches_reference_on_cpu(tiny_cuda):
+    """cuda-int8's lowering (its TE computes: q / k / v Requantized in the qkv GEMM's write-back
+    and read in place, the heads' merge Requantized in the probabilities.V write-back, before
+    any GPU schedule) built for the CPU gives the reference interpreter's output bit for bit."""
+    import tvm
+    from tvm import relax
+
+    from intq import boundary
+    from intq.codegen.cuda import CudaKernels
+    from intq.codegen.lower import to_relax
+    from intq.reference import ReferenceInterpreter, load_signature
+
+    model = tiny_cuda.integer_onnx
+    mod = to_relax(model, CudaKernels(TARGETS["cuda-int8"].make_target(tiny_cuda.config)))
+    names = {str(gv.name_hint) for gv in mod.functions}
+    assert any(n.startswith("int8_dense_rq_pc_split") for n in names)  # qkv -> q, k, v
+    assert not [n for n in names if n.startswith("operand") and not n.startswith("operand_t")]
+    assert len([n for n in names if n.startswith("operand_t")]) == 1  # v, read along k
+    assert not [n for n in names if n.startswith("view")]  # every view read in place / copied
+    assert len([n for n in names if n.startswith("requantize")]) <= 2  # patch embedding, head
+    vm = relax.VirtualMachine(relax.build(mod, "llvm"), tvm.cpu())
+    sig = load_signature(model)
+    interp = ReferenceInterpreter(model)
+    for seed in (0, 1):
+        x = np.random.default_rng(seed).standard_normal((3, 1, 8, 8)).astype(np.float32)
+        (qx,) = boundary.quantize_inputs(sig.inputs, [x])
+        want = interp.run({sig.inputs[0].name: qx})[sig.outputs[0].name]
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(qx)).numpy(), want)
+
+
+def _split_ctx(shape, leaves, extra_output=None):
+    """LowerCtx over y[shape] -> Reshape [a, 2, b] -> Gather(axis 1, i) -> Requantize_i."""
+    from onnx import helper
+
+    from intq.codegen.lower import LowerCtx
+    from intq.ops import make_node
+
+    rows, cols = shape
+    consts = {"shape3": np.array([rows, 2, cols // 2], np.int64)}
+    shapes = {"y": shape, "y3": (rows, 2, cols // 2)}
+    nodes = [helper.make_node("Reshape", ["y", "shape3"], ["y3"])]
+    for i, (b, c) in leaves.items():
+        consts[f"i{i}"] = np.array(i, np.int64)
+        consts[f"b{i}"], consts[f"c{i}"] = np.array(b, np.int32), np.array(c, np.int32)
+        nodes.append(helper.make_node("Gather", ["y3", f"i{i}"], [f"h{i}"], axis=1))
+        nodes.append(make_node("Requantize", [f"h{i}", f"b{i}", f"c{i}"], [f"q{i}"], f"r{i}", to=3))
+        shapes[f"h{i}"] = shapes[f"q{i}"] = (rows, cols // 2)
+    ctx = LowerCtx(None, consts, shapes, {k: "int32" for k in shapes})
+    for node in nodes:
+        for t in node.input:
+            ctx.consumers.setdefault(t, []).append(node)
+        ctx.producers[node.output[0]] = node
+    ctx.graph_outputs = frozenset({extra_output} if extra_output else set())
+    return ctx
+
+
+def test_requant_split_per_column_multipliers():
+    from intq.codegen.lower import requant_split
+
+    split = requant_split(_split_ctx((3, 8), {0: (1 << 30, 31), 1: (1 << 29, 33)}), "y")
+    assert split is not None and sorted(split.inner) == ["h0", "h1", "y3"]
+    b, c, lo, hi, dt = split.rq
+    assert b.tolist() == [1 << 30] * 4 + [1 << 29] * 4 and c.tolist() == [31] * 4 + [33] * 4
+    assert (lo, hi, dt) == (-128, 127, "int8")
+    # leaf index -> y index: head 1, row 2, column 3 is y[2, 4 + 3]
+    index = dict((n.output[0], ix) for n, ix in split.leaves)["q1"]
+    assert [int(v) for v in index([2, 3])] == [2, 7]
+    same = requant_split(_split_ctx((3, 8), {0: (1 << 30, 31), 1: (1 << 30, 31)}), "y")
+    assert same.rq[:2] == (1 << 30, 31)  # one multiplier for every column: per-tensor
+
+
+def test_requant_split_declines():
+    from intq.codegen.lower import requant_split
+
+    assert requant_split(_split_ctx((3, 8), {0: (1 << 30, 31)}), "y") is None  # half uncovered
+    leaves = {0: (1 << 30, 31), 1: (1 << 29, 33)}
+    assert requant_split(_split_ctx((3, 8), leaves, extra_output="y3"), "y") is None
+    ctx = _split_ctx((3, 8), leaves)
+    ctx.consts["b1"] = np.array([1 << 29] * 4, np.int32)  # a per-channel leaf: not per-tensor
+    assert requant_split(ctx, "y") is None
