@@ -58,6 +58,7 @@ __all__ = [
     "virtual_machine",
 ]
 
+
 def import_tvmscript_module(name: str) -> Any:
     """Import a TVM module that parses TVMScript functions at import (e.g.
     ``tvm.s_tir.tensor_intrin.cuda``, hundreds of them) with a cheap ``inspect.stack``.

@@ -66,19 +66,56 @@ def dense_nt_te(
         lambda i, j: te.sum(x[i, k].astype("int32") * wt[j, k].astype("int32"), axis=k),
         name="acc",
     )
+    return te.compute(
+        (m, n),
+        lambda i, j: _dense_value(acc[i, j] + bias[j], i, j, rq, table, residual, rq2),
+        name="y",
+    )
 
-    def value(i, j):
-        v = cpu._epilogue(acc[i, j] + bias[j], j, rq)
-        if rq2 is not None:
-            return cpu._epilogue(v, j, rq2)
-        if table is not None:
-            return table[0][v.astype("int32") + 128].astype(table[1])
-        if residual is not None:  # IntAdd: saturate(v + other), other maybe Requantize(t)
-            t, t_rq, lo, hi, dt = residual
-            return te_ops.int_add_expr(v, t[i, j], lo, hi, dt, rq_b=t_rq)
-        return v
 
-    return te.compute((m, n), value, name="y")
+def _dense_value(v, i, j, rq, table, residual, rq2):
+    """The dense write-back of int32 `v` at (i, j): see `dense_nt_te`."""
+    v = cpu._epilogue(v, j, rq)
+    if rq2 is not None:
+        return cpu._epilogue(v, j, rq2)
+    if table is not None:
+        return table[0][v.astype("int32") + 128].astype(table[1])
+    if residual is not None:  # IntAdd: saturate(v + other), other maybe Requantize(t)
+        t, t_rq, lo, hi, dt = residual
+        return te_ops.int_add_expr(v, t[i, j], lo, hi, dt, rq_b=t_rq)
+    return v
+
+
+def dense_partial_te(x3: te.Tensor, wt3: te.Tensor) -> te.Tensor:
+    """Split-K partial sums: part[s, m, n] = sum_k int32(x3[m, s, k]) * int32(wt3[n, s, k]), the
+    K axis cut into S chunks (x3, wt3: the [M, K] input and [N, K] weight viewed [., S, K/S])."""
+    m, splits, kc = x3.shape
+    n = wt3.shape[0]
+    k = te.reduce_axis((0, kc), name="k")
+    return te.compute(
+        (splits, m, n),
+        lambda s, i, j: te.sum(x3[i, s, k].astype("int32") * wt3[j, s, k].astype("int32"), k),
+        name="part",
+    )
+
+
+def dense_split_sum_te(
+    part: te.Tensor, bias: te.Tensor, rq=None, table=None, residual=None, rq2=None
+) -> te.Tensor:
+    """y[m, n] = the dense write-back (`dense_nt_te`) of sum_s part[s, m, n] + bias[n]."""
+    splits, m, n = part.shape
+
+    def total(i, j):
+        acc = part[0, i, j]
+        for s in range(1, int(splits)):
+            acc = acc + part[s, i, j]
+        return acc
+
+    return te.compute(
+        (m, n),
+        lambda i, j: _dense_value(total(i, j) + bias[j], i, j, rq, table, residual, rq2),
+        name="y",
+    )
 
 
 def bmm_te(
@@ -120,6 +157,13 @@ def rowsum_te(bt: te.Tensor) -> te.Tensor:
     g, n, k_len = bt.shape
     k = te.reduce_axis((0, k_len), name="k")
     return te.compute((g, n), lambda gg, j: te.sum(bt[gg, j, k].astype("int32"), axis=k), "rowsum")
+
+
+def colsum_te(b: te.Tensor) -> te.Tensor:
+    """colsum[g, n] = sum_k int32(b[g, k, n])."""
+    g, k_len, n = b.shape
+    k = te.reduce_axis((0, k_len), name="k")
+    return te.compute((g, n), lambda gg, j: te.sum(b[gg, k, j].astype("int32"), axis=k), "rowsum")
 
 
 def transpose_te(b: te.Tensor) -> te.Tensor:
@@ -165,9 +209,34 @@ _SM_COUNT = 132
 
 
 def pick_wmma_tile(batch: int, m: int, n: int) -> WmmaTile:
-    """The large tile when it gives every SM at least two blocks, else the small one."""
+    """The large tile when it gives every SM at least two blocks and n fills its columns, else
+    the small one (attention's probabilities.V, n = 64, would leave half the large tile idle)."""
     blocks = batch * -(-m // TILE_LARGE.rows) * -(-n // TILE_LARGE.cols)
+    if n <= TILE_SMALL.cols:
+        return TILE_SMALL
     return TILE_LARGE if blocks >= 2 * _SM_COUNT else TILE_SMALL
+
+
+#: Split-K only for GEMMs at least this many 64-deep k-slices deep (one block walks them in turn,
+#: unpipelined) that give fewer blocks than SMs.
+SPLIT_K_MIN_SLICES = 12
+
+
+def pick_split_k(m: int, n: int, k: int) -> int:
+    """Chunks to cut K into (1: none) for an [m, k] x [k, n] GEMM that gives too few thread
+    blocks to fill the GPU and walks many k-slices in each (DeiT's fc2 at batch 1: 24 blocks of
+    24 slices): the most chunks, each a multiple of 64 and at least 2 slices deep, that keep the
+    grid within two blocks per SM."""
+    tile = pick_wmma_tile(1, m, n)
+    blocks = -(-m // tile.rows) * -(-n // tile.cols)
+    slices = k // 64
+    if k % 64 or slices < SPLIT_K_MIN_SLICES or blocks >= _SM_COUNT:
+        return 1
+    best = 1
+    for s in range(2, slices // 2 + 1):
+        if slices % s == 0 and blocks * s <= 2 * _SM_COUNT:
+            best = s
+    return best
 
 
 def _vector_lanes(elements: int, threads: int, max_lanes: int = 16) -> int:
@@ -178,7 +247,9 @@ def _vector_lanes(elements: int, threads: int, max_lanes: int = 16) -> int:
     return lanes
 
 
-def schedule_int8_wmma(func: tirx.PrimFunc, tile: WmmaTile | None = None) -> tirx.PrimFunc | None:
+def schedule_int8_wmma(
+    func: tirx.PrimFunc, tile: WmmaTile | None = None, b_kn: bool = False
+) -> tirx.PrimFunc | None:
     """int8 x int8 -> int32 GEMM / batched GEMM on tensor cores (16x16x16 s8 WMMA).
 
     The reduction block is normalised to C[S, I, J] += A[S, I, K] * B[S, J, K] and padded to the
@@ -186,7 +257,9 @@ def schedule_int8_wmma(func: tirx.PrimFunc, tile: WmmaTile | None = None) -> tir
     rows padded against bank conflicts), each warp keeps its fragments in registers over the whole
     k loop, and the accumulators go through shared memory to global with the epilogue (bias,
     folded Requantize, GELU table, residual add) inlined into that write. Blocks: x over column
-    tiles, y over row tiles, z over the batch. None when `func` is not such a GEMM.
+    tiles, y over row tiles, z over the batch. With `b_kn` B is staged as [S, K, J] (row-major
+    matrix_b fragments): a right operand read in place along n (v inside the qkv output). None
+    when `func` is not such a GEMM.
     """
     from tvm.s_tir.dlight.gpu.matmul import (
         auto_inline_consumer_chain,
@@ -210,6 +283,12 @@ def schedule_int8_wmma(func: tirx.PrimFunc, tile: WmmaTile | None = None) -> tir
         if maps is None:
             return None
         mm_map, a_map, b_map, c_map = maps
+        if b_kn:  # [S, J, K] -> [S, K, J]
+            nt_map = b_map
+            b_map = tirx.IndexMap.from_func(
+                lambda *i: (lambda o: [o[0], o[2], o[1]])(nt_map.map_indices(list(i))),
+                ndim=len(nt_map.initial_indices),
+            )
         sch.transform_layout(ra, ("write", 0), a_map)
         sch.transform_layout(rb, ("write", 0), b_map)
         sch.transform_layout(rc, ("read", 0), c_map)
@@ -277,7 +356,7 @@ def schedule_int8_wmma(func: tirx.PrimFunc, tile: WmmaTile | None = None) -> tir
             store_scope="shared.dyn",
             in_dtype="int8",
             out_dtype="int32",
-            trans_b=True,
+            trans_b=not b_kn,
         )
         sch.tensorize(sch.get_loops(a_f)[-2], intrin["load_a"])
         sch.tensorize(sch.get_loops(b_f)[-2], intrin["load_b"])
@@ -394,8 +473,8 @@ class CudaKernels:
             kind = str(func.attrs["intq.kernel"])
             func = func.without_attr("intq.kernel")
             sch = Schedule(func)
-            if kind == "gemm":
-                wmma = schedule_int8_wmma(func)
+            if kind in ("gemm", "gemm_kn"):
+                wmma = schedule_int8_wmma(func, b_kn=kind == "gemm_kn")
                 if wmma is not None:
                     func = wmma.with_attr("op_pattern", 8)  # kOpaque: FuseOps leaves it alone
             elif len(sch.get_child_blocks(sch.get_sblock("root"))) > 1:
@@ -407,6 +486,7 @@ class CudaKernels:
         self,
         ctx,
         x2d: relax.Expr,
+        rows: int,
         w_kn: np.ndarray,
         bias: np.ndarray | None,
         rq=None,
@@ -419,8 +499,37 @@ class CudaKernels:
         `rq` = (b, c, lo, hi, dtype) (ints, or int32 arrays per column) is folded in; `x_view`
         = (shape, index map) when `x2d` is a buffer read through a view."""
         k, n = w_kn.shape
-        wt = relax.const(np.ascontiguousarray(w_kn.astype(np.int8).T))
+        w_nk = np.ascontiguousarray(w_kn.astype(np.int8).T)
         b = relax.const((bias if bias is not None else np.zeros(n)).astype(np.int32).reshape(n))
+        splits = pick_split_k(rows, n, k)
+        if splits > 1:  # partial GEMMs over K chunks, then their sum and the write-back
+            kc = k // splits
+            if x_view is not None:
+                shape, index = x_view
+                x_arg, x3_view = x2d, ((shape[0], splits, kc), _chunked(index, kc))
+            else:
+                x_arg = ctx.bb.emit(relax.op.reshape(x2d, (rows, splits, kc)))
+                x3_view = None
+            part = _emit_with_rq(
+                ctx,
+                lambda a, w, **kw: dense_partial_te(a, w),
+                [x_arg, relax.const(w_nk.reshape(n, splits, kc))],
+                None,
+                "int8_dense_splitk",
+                views={0: x3_view} if x3_view is not None else None,
+            )
+            return _emit_with_rq(
+                ctx,
+                dense_split_sum_te,
+                [part, b],
+                rq,
+                "splitk_sum",
+                table=table,
+                residual=residual,
+                rq2=rq2,
+                kernel=None,
+            )
+        wt = relax.const(w_nk)
         views = {0: x_view} if x_view is not None else None
         return _emit_with_rq(
             ctx,
@@ -458,7 +567,7 @@ class CudaKernels:
             split = requant_split(ctx, (rq_node or node).output[0])
             if split is not None:
                 rq, rq2 = (split.rq, None) if rq is None else (rq, split.rq)
-        y = self._gemm(ctx, x2d, w, bias, rq, table, residual, rq2=rq2, x_view=x_view)
+        y = self._gemm(ctx, x2d, rows, w, bias, rq, table, residual, rq2=rq2, x_view=x_view)
         if split is not None:  # readers index the heads inside y (lower.View)
             split.bind(ctx, y, (rows, w.shape[1]))
             if rq_node is not None:
@@ -491,7 +600,10 @@ class CudaKernels:
         if dts not in (("int8", "int8"), ("uint8", "int8")):
             return _plain_matmul(ctx, node)
         a3, a_view = _bmm_operand(ctx, node.input[0], transpose=False)
-        bt, b_view = _bmm_operand(ctx, node.input[1], transpose=True)
+        bt, b_view = _bmm_operand(ctx, node.input[1], transpose=True, allow_kn=True)
+        b_nt, gemm = True, "gemm"
+        if b_view is not None and len(b_view) == 3:  # v read in place as [g, k, n]
+            b_view, b_nt, gemm = b_view[:2], False, "gemm_kn"
         views = {i: v for i, v in enumerate((a_view, b_view)) if v is not None}
         rq_node, rq = ctx.epilogue_requant(node)
         split = None
@@ -501,25 +613,28 @@ class CudaKernels:
         if dts == ("int8", "int8"):
             y = _emit_with_rq(
                 ctx,
-                lambda a, b, **kw: bmm_te(a, b, b_nt=True, **kw),
+                lambda a, b, **kw: bmm_te(a, b, b_nt=b_nt, **kw),
                 [a3, bt],
                 rq,
                 "int8_bmm",
                 views=views,
+                kernel=gemm,
             )
         else:
+            sum_fn = rowsum_te if b_nt else colsum_te
             cs = ctx.bb.emit_te(
-                lambda t: rowsum_te(_read_view(t, *b_view) if b_view else t),
+                lambda t: sum_fn(_read_view(t, *b_view) if b_view else t),
                 bt,
                 primfunc_name_hint="rowsum",
             )
             y = _emit_with_rq(
                 ctx,
-                lambda a, b, c, **kw: bmm_te(a, b, c, b_nt=True, **kw),
+                lambda a, b, c, **kw: bmm_te(a, b, c, b_nt=b_nt, **kw),
                 [a3, bt, cs],
                 rq,
                 "u8s8_bmm",
                 views=views,
+                kernel=gemm,
             )
         if split is not None:
             split.bind(ctx, y, (int(np.prod(sa[:-2])), int(sa[-2]), int(sb[-1])))
@@ -547,7 +662,7 @@ class CudaKernels:
         )
         w_kn = np.ascontiguousarray(ctx.const(node.input[1]).reshape(m, -1).T)
         bias = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        y = self._gemm(ctx, cols, w_kn, bias)  # [n*oh*ow, m]
+        y = self._gemm(ctx, cols, n * oh * ow, w_kn, bias)  # [n*oh*ow, m]
         y = ctx.bb.emit(relax.op.reshape(y, (n, oh, ow, m)))
         return ctx.bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
 
@@ -576,9 +691,12 @@ def _residual_add(ctx, rq_node, rows: int) -> tuple[Any, Any]:
     return add, (value, o_rq, lo, hi, dt)
 
 
-def _bmm_operand(ctx, name: str, transpose: bool) -> relax.Expr:
+def _bmm_operand(ctx, name: str, transpose: bool, allow_kn: bool = False) -> tuple:
     """The batched-GEMM operand ``name`` ([*lead, m, k]) as a contiguous [prod(lead), m, k] tensor
-    (``transpose``: [prod(lead), k, m]). When ``name`` is a per-tensor Requantize to int8 of a
+    (``transpose``: [prod(lead), k, m]), with the view it is read through when it is one
+    (`lower.View`: (shape, index map), or (shape, index map, "kn") when ``allow_kn`` and the
+    view is contiguous only along its last axis: the right operand is then read untransposed,
+    [g, k, n]). When ``name`` is a per-tensor Requantize to int8 of a
     data movement (Gather / Transpose / Reshape: a q, k or v head cut out of the fused qkv
     projection's int32 output) that only this GEMM reads, one kernel reads the movement's source
     and writes the operand, Requantize applied, in the GEMM's layout; else a transposed operand
@@ -599,6 +717,9 @@ def _bmm_operand(ctx, name: str, transpose: bool) -> relax.Expr:
             index = lambda i: view.index([*_unflatten(i[0], lead), i[1], i[2]])  # noqa: E731
         if view.contiguous(len(shape) - (2 if transpose else 1)):  # tile loads run along it
             return view.source, (op_shape, index)
+        if transpose and allow_kn and view.contiguous(len(shape) - 1):  # B read as [g, k, n]
+            kn = lambda i: view.index([*_unflatten(i[0], lead), i[1], i[2]])  # noqa: E731
+            return view.source, ((g, m, k), kn, "kn")
         copy = ctx.bb.emit_te(
             lambda t: _read_view(t, op_shape, index), view.source, primfunc_name_hint=hint
         )
@@ -645,13 +766,23 @@ def _dense_input(ctx, name: str, rows: int, k: int) -> tuple[relax.Expr, Any]:
 
 
 def _emit_with_rq(
-    ctx, te_fn, args: list, rq, name: str, table=None, residual=None, rq2=None, views=None
+    ctx,
+    te_fn,
+    args: list,
+    rq,
+    name: str,
+    table=None,
+    residual=None,
+    rq2=None,
+    views=None,
+    kernel: str | None = "gemm",
 ) -> relax.Expr:
     """Emit `te_fn(*args, rq=..., [table=..., residual=..., rq2=...])`; per-column multipliers /
     shifts of `rq` / `rq2` and the 256-entry `table` (numpy, applied after `rq`) enter as
     constants; `residual` = (relax value, its Requantize or None, lo, hi, dtype) is added after
     `rq`. `views` maps an argument's position to (shape, index map): that argument is then a
-    buffer read through the map (`lower.View`), e.g. a q head inside the qkv projection."""
+    buffer read through the map (`lower.View`), e.g. a q head inside the qkv projection.
+    `kernel`: the "intq.kernel" tag (None: an element-wise kernel left to FuseOps and dlight)."""
     views = views or {}
     per_channel = [r is not None and isinstance(r[0], np.ndarray) for r in (rq, rq2)]
     extra = []
@@ -682,8 +813,13 @@ def _emit_with_rq(
     name += "_split" if rq2 is not None else ""
     name += "_table" if table is not None else ""
     name += "_add" if residual is not None else ""
-    attrs = {"intq.kernel": "gemm"}
-    return ctx.bb.emit_te(fn, *args, *extra, primfunc_name_hint=name, primfunc_attrs=attrs)
+    attrs = {"primfunc_attrs": {"intq.kernel": kernel}} if kernel else {}
+    return ctx.bb.emit_te(fn, *args, *extra, primfunc_name_hint=name, **attrs)
+
+
+def _chunked(index, kc: int):
+    """A [rows, K] view's index map as one over [rows, S, K / S] (split-K chunks of `kc`)."""
+    return lambda i: index([i[0], i[1] * kc + i[2]])
 
 
 def _read_view(t: te.Tensor, shape, index) -> te.Tensor:

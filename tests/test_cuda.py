@@ -199,12 +199,10 @@ extern "C" __global__ void k(int* a) {
         check_cuda_compiles(too_big, "sm_90")
 
 
-@needs_nvcc
-@pytest.mark.slow
-def test_cuda_lowering_matches_reference_on_cpu(tiny_cuda):
-    """cuda-int8's lowering (its TE computes: q / k / v Requantized in the qkv GEMM's write-back
-    and read in place, the heads' merge Requantized in the probabilities.V write-back, before
-    any GPU schedule) built for the CPU gives the reference interpreter's output bit for bit."""
+def _cuda_lowering_on_cpu(lib, batch: int, seeds=(0, 1)) -> set[str]:
+    """Lower `lib`'s integer graph with cuda-int8's kernels (its TE computes, before any GPU
+    schedule), build that for the CPU and check it against the reference interpreter bit for
+    bit; returns the kernel names."""
     import tvm
     from tvm import relax
 
@@ -213,22 +211,62 @@ def test_cuda_lowering_matches_reference_on_cpu(tiny_cuda):
     from intq.codegen.lower import to_relax
     from intq.reference import ReferenceInterpreter, load_signature
 
-    model = tiny_cuda.integer_onnx
-    mod = to_relax(model, CudaKernels(TARGETS["cuda-int8"].make_target(tiny_cuda.config)))
-    names = {str(gv.name_hint) for gv in mod.functions}
-    assert any(n.startswith("int8_dense_rq_pc_split") for n in names)  # qkv -> q, k, v
-    assert not [n for n in names if n.startswith("operand") and not n.startswith("operand_t")]
-    assert len([n for n in names if n.startswith("operand_t")]) == 1  # v, read along k
-    assert not [n for n in names if n.startswith("view")]  # every view read in place / copied
-    assert len([n for n in names if n.startswith("requantize")]) <= 2  # patch embedding, head
+    model = lib.integer_onnx
+    mod = to_relax(model, CudaKernels(TARGETS["cuda-int8"].make_target(lib.config)))
     vm = relax.VirtualMachine(relax.build(mod, "llvm"), tvm.cpu())
     sig = load_signature(model)
     interp = ReferenceInterpreter(model)
-    for seed in (0, 1):
-        x = np.random.default_rng(seed).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    shape = (batch, *sig.inputs[0].shape[1:])
+    for seed in seeds:
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
         (qx,) = boundary.quantize_inputs(sig.inputs, [x])
         want = interp.run({sig.inputs[0].name: qx})[sig.outputs[0].name]
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(qx)).numpy(), want)
+    return {str(gv.name_hint) for gv in mod.functions}
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_cuda_lowering_matches_reference_on_cpu(tiny_cuda):
+    """q / k / v are Requantized in the qkv GEMM's write-back and read in place (v as a [k, n]
+    right operand), the heads' merge is Requantized in the probabilities.V write-back and read in place by the projection;
+    the lowering's arithmetic equals the reference's."""
+    names = _cuda_lowering_on_cpu(tiny_cuda, 3)
+    assert any(n.startswith("int8_dense_rq_pc_split") for n in names)  # qkv -> q, k, v
+    assert not [n for n in names if n.startswith("operand")]  # q, k, v all read in place
+    assert not [n for n in names if n.startswith("view")]  # every view read in place / copied
+    assert len([n for n in names if n.startswith("requantize")]) <= 2  # patch embedding, head
+
+
+def test_split_k_choice_by_shape():
+    from intq.codegen.cuda import pick_split_k
+
+    assert pick_split_k(197, 384, 1536) == 8  # DeiT-Small fc2 at batch 1: 24 -> 192 blocks
+    assert pick_split_k(197, 1536, 384) == 1  # fc1: 6 slices deep, no split
+    assert pick_split_k(12608, 384, 1536) == 1  # fc2 at batch 64 fills the GPU already
+    assert pick_split_k(197, 384, 1500) == 1  # K not a multiple of 64
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_split_k_dense_compiles_and_matches_reference(monkeypatch):
+    """A dense layer cut into K chunks (partial GEMMs on tensor cores, then one kernel summing
+    them with the write-back: Requantize and the residual IntAdd) equals the reference."""
+    from intq.codegen import cuda
+
+    monkeypatch.setattr(cuda, "SPLIT_K_MIN_SLICES", 4)  # fc2 here: K = 256, 4 slices
+    cfg = ViTConfig(**{**TINY.__dict__, "embed_dim": 64, "mlp_ratio": 4.0})
+    torch.manual_seed(0)
+    model = VisionTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(3, 1, 8, 8, generator=g) for _ in range(2)]
+    lib = intq.compile(model, cal[0], calibration=cal, target="cuda-int8")
+    bodies = dict(kernel_bodies(lib._build.device_source))
+    assert "wmma::mma_sync" in bodies["int8_dense_splitk_kernel"]
+    assert [n for n in bodies if "splitk_sum_rq_pc_add" in n]  # sum + Requantize + residual
+    assert find_float_in_cuda(lib._build.device_source) == []
+    names = _cuda_lowering_on_cpu(lib, 3, seeds=(0,))
+    assert "int8_dense_splitk" in names
 
 
 def _split_ctx(shape, leaves, extra_output=None):
