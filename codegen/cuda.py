@@ -38,7 +38,7 @@ from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
 from intq.codegen import compat, cpu, cuda_intrin, te_ops  # noqa: F401 (int32 WMMA fill)
-from intq.codegen.lower import gelu_table, movement_source, requant_split
+from intq.codegen.lower import View, gelu_table, movement_source, requant_split
 from intq.errors import LoweringError
 from intq.ops import lookup
 from intq.ops.core import out_dtype
@@ -604,6 +604,8 @@ class CudaKernels:
         b_nt, gemm = True, "gemm"
         if b_view is not None and len(b_view) == 3:  # v read in place as [g, k, n]
             b_view, b_nt, gemm = b_view[:2], False, "gemm_kn"
+        if a_view is not None and b_view is not None:
+            a_view, b_view = _pad_k(ctx.views.get(node.input[0]), a_view, b_view, b_nt)
         views = {i: v for i, v in enumerate((a_view, b_view)) if v is not None}
         rq_node, rq = ctx.epilogue_requant(node)
         split = None
@@ -642,6 +644,33 @@ class CudaKernels:
         out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
         if rq_node is not None:
             ctx.bind_folded(rq_node, out)
+        return out
+
+    def softmax(self, ctx, node, attrs) -> relax.Expr | None:
+        """IntSoftmax read only as the left operand of an attention GEMM, rows not a multiple of
+        16 long (197 in DeiT): written with rows padded to 16 bytes (zeros after the row), so
+        the GEMM's tile loads run on aligned rows; the probabilities are a `View` of that
+        buffer. None (the generic lowering) otherwise."""
+        shape = tuple(int(d) for d in ctx.shapes[node.output[0]])
+        users = ctx.consumers.get(node.output[0], [])
+        n = shape[-1]
+        if (
+            n % 16 == 0
+            or len(shape) < 3
+            or node.output[0] in ctx.graph_outputs
+            or len(users) != 1
+            or users[0].op_type != "IntMatMul"
+            or list(users[0].input[:2]).index(node.output[0]) != 0
+            or users[0].input[1] in ctx.consts
+        ):
+            return None
+        padded = (*shape[:-1], -(-n // 16) * 16)
+        out = ctx.emit_te(
+            lambda x: te_ops.int_softmax(x, frac_bits=int(attrs["frac_bits"]), pad_to=padded[-1]),
+            ctx.value(node.input[0]),
+            name="int_softmax",
+        )
+        ctx.bind_view(node, View(out, shape, lambda i: list(i), padded))
         return out
 
     def conv2d(self, ctx, node, attrs) -> relax.Expr:
@@ -822,9 +851,42 @@ def _chunked(index, kc: int):
     return lambda i: index([i[0], i[1] * kc + i[2]])
 
 
-def _read_view(t: te.Tensor, shape, index) -> te.Tensor:
-    """A compute reading buffer `t` through `index` (inlined into the GEMM's tile loads)."""
-    return te.compute(tuple(shape), lambda *i: t(*index(list(i))), name="view")
+def _read_view(t: te.Tensor, shape, index, valid=None) -> te.Tensor:
+    """A compute reading buffer `t` through `index` (inlined into the GEMM's tile loads); where
+    `valid(i)` is false, zero."""
+    if valid is None:
+        return te.compute(tuple(shape), lambda *i: t(*index(list(i))), name="view")
+    zero = tirx.const(0, t.dtype)
+    return te.compute(
+        tuple(shape),
+        lambda *i: tirx.if_then_else(valid(list(i)), t(*index(list(i))), zero),
+        name="view",
+    )
+
+
+def _pad_k(a_src, a_view, b_view, b_nt: bool) -> tuple:
+    """When the left operand is a view of a buffer whose rows are padded (the probabilities,
+    `CudaKernels.softmax`), run the GEMM over the padded k: the left operand is read whole rows
+    (its pad is zeros) and the right one is zero past the real k. The tile loads are then
+    predicated per 16 bytes, not per byte, and vectorise. Unchanged views otherwise."""
+    if a_src is None or a_src.shape[:-1] != a_src.source_shape[:-1]:
+        return a_view, b_view
+    k, kp = a_src.shape[-1], a_src.source_shape[-1]
+    if kp <= k:
+        return a_view, b_view
+    (g, m, _), lead = a_view[0], list(a_src.shape[:-2])
+    a_pad = ((g, m, kp), lambda i: [*_unflatten(i[0], lead), i[1], i[2]])
+    shape, index = b_view[:2]
+    ax = 2 if b_nt else 1  # k's position in the right operand: [g, n, k] or [g, k, n]
+
+    def clamped(i):
+        i = list(i)
+        i[ax] = tirx.min(i[ax], k - 1)
+        return index(i)
+
+    padded = list(shape)
+    padded[ax] = kp
+    return a_pad, (tuple(padded), clamped, lambda i: i[ax] < k)
 
 
 def _plain_matmul(ctx, node) -> relax.Expr:

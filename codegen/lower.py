@@ -251,7 +251,8 @@ def to_relax(model: onnx.ModelProto, kernels: Any = None) -> tvm.IRModule:  # no
                     raise LoweringError(
                         f"lowering node {node.name!r} ({node.op_type}) failed: {e}"
                     ) from e
-                ctx.env[node.output[0]] = out
+                if node.output[0] not in ctx.views:  # else written inside another buffer
+                    ctx.env[node.output[0]] = out
             outs = [ctx.env[o.name] for o in g.output]
             result = outs[0] if len(outs) == 1 else relax.Tuple(outs)
             gv = bb.emit_output(result)
@@ -563,6 +564,10 @@ def _int_layernorm(ctx: LowerCtx, node, attrs):
 
 @lowering("IntSoftmax")
 def _int_softmax(ctx: LowerCtx, node, attrs):
+    if ctx.kernels is not None and hasattr(ctx.kernels, "softmax"):
+        out = ctx.kernels.softmax(ctx, node, attrs)
+        if out is not None:
+            return out
     return ctx.emit_te(
         lambda x: te_ops.int_softmax(x, frac_bits=int(attrs["frac_bits"])),
         ctx.value(node.input[0]),

@@ -159,11 +159,12 @@ def int_layernorm(
     return te.compute(x.shape, out, name="int_layernorm")
 
 
-def int_softmax(x: te.Tensor, *, frac_bits: int) -> te.Tensor:
+def int_softmax(x: te.Tensor, *, frac_bits: int, pad_to: int | None = None) -> te.Tensor:
     """core.softmax_core per row. When frac_bits <= SOFTMAX_I32_MAX_FRAC the per-element work
     runs in int32 (exactly the int64 values, see fixedpoint.exp2_neg_arg): d = max - x is
     formed in int64 and capped, then exp2_neg, the row sum (< 2^31 for rows < 2^17) and
-    e * recip + 2^21 (<= 2^30 + 2^21) all fit in int32."""
+    e * recip + 2^21 (<= 2^30 + 2^21) all fit in int32. With `pad_to` (>= the row length) the
+    rows are written `pad_to` long, zeros after the row (aligned rows for a GEMM reading them)."""
     n = int(x.shape[-1])
     # the row max in x's own dtype (exact), widened where it is used
     mx_x = _row_reduce(x, lambda r, k: x(*r, k), "sm_max", kind="max")
@@ -192,12 +193,19 @@ def int_softmax(x: te.Tensor, *, frac_bits: int) -> te.Tensor:
         name="sm_rcp",
     )
     shift = core.SOFTMAX_RECIP_BITS - core.SOFTMAX_OUT_BITS
-    return te.compute(
-        x.shape,
-        lambda *i: tirx.min(
+
+    def out(*i):
+        return tirx.min(
             (e(*i) * recip(*i[:-1], 0) + (1 << (shift - 1))) >> shift,
             (1 << core.SOFTMAX_OUT_BITS) - 1,
-        ).astype("uint8"),
+        ).astype("uint8")
+
+    if pad_to is None or pad_to == n:
+        return te.compute(x.shape, out, name="int_softmax")
+    zero = tirx.const(0, "uint8")
+    return te.compute(
+        (*x.shape[:-1], pad_to),
+        lambda *i: tirx.if_then_else(i[-1] < n, out(*i[:-1], tirx.min(i[-1], n - 1)), zero),
         name="int_softmax",
     )
 
