@@ -8,7 +8,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from intq.codegen.lower import LowerCtx, lowering
-from intq.codegen.te_ops import TE, _i64, _row_reduce
+from intq.codegen.te_ops import TE, _i64, _row_reduce, isqrt_stage
 from intq.ops import bert
 from intq.ops import fixedpoint as fp
 from intq.ops.core import OUT_DTYPES, SOFTMAX_RECIP_BITS
@@ -93,11 +93,10 @@ def int_l2_normalize(x: te.Tensor, *, frac_bits: int) -> te.Tensor:
     n = te.compute(sq.shape, lambda *i: tirx.max(sq(*i), 1), name="l2_n")
     root = te.compute(n.shape, lambda *i: fp.isqrt_init(n(*i), TE), name="l2_sqrt0")
 
-    def newton(r: te.Tensor):
-        return lambda *i: fp.isqrt_step(r(*i), n(*i), TE)
-
+    prev = None
     for step in range(fp.ISQRT_ITERS):
-        root = te.compute(n.shape, newton(root), name=f"l2_sqrt{step + 1}")
+        nxt = te.compute(n.shape, isqrt_stage(root, prev, n), name=f"l2_sqrt{step + 1}")
+        root, prev = nxt, root
     norm = te.compute(n.shape, lambda *i: tirx.max(root(*i), 1), name="l2_norm")
     return te.compute(
         x.shape,

@@ -27,6 +27,15 @@ class _TENamespace:
     def i64(x):
         return tirx.const(x, "int64") if isinstance(x, int) else x.astype("int64")
 
+    @staticmethod
+    def div_pos(a, b):
+        """floor(a / b) for int64 a >= 0, b > 0: a 32-bit division when both fit in 31 bits
+        (the common case of a row statistic; a GPU's 64-bit division is a long software
+        routine), else the 64-bit one. Truncating and flooring division agree here."""
+        small = tirx.all(a < (1 << 31), b < (1 << 31))
+        narrow = tirx.truncdiv(a.astype("int32"), b.astype("int32")).astype("int64")
+        return tirx.if_then_else(small, narrow, tirx.truncdiv(a, b))
+
 
 TE = _TENamespace()
 
@@ -102,6 +111,20 @@ def _row_reduce(x: te.Tensor, body, name: str, kind: str = "sum") -> te.Tensor:
     return te.compute((*x.shape[:-1], 1), lambda *i: red(body(i[:-1], k), axis=k), name=name)
 
 
+def isqrt_stage(root: te.Tensor, prev: te.Tensor | None, n: te.Tensor):
+    """One Newton stage of fixedpoint.isqrt_newton: isqrt_step(root, n), skipped (root kept,
+    no division run) once the sequence has stopped moving (root == prev): a fixed point of the
+    step stays one, so every later step would return it unchanged."""
+
+    def f(*i):
+        step = fp.isqrt_step(root(*i), n(*i), TE)
+        if prev is None:
+            return step
+        return tirx.if_then_else(root(*i) == prev(*i), root(*i), step)
+
+    return f
+
+
 def int_layernorm(
     x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, *, eps: int, frac_bits: int, rq=None
 ):
@@ -120,11 +143,10 @@ def int_layernorm(
     # isqrt_newton, one stage per step (an expression tree would double in size every step)
     root = te.compute(var.shape, lambda *i: fp.isqrt_init(var(*i), TE), name="ln_sqrt0")
 
-    def newton(r: te.Tensor):
-        return lambda *i: fp.isqrt_step(r(*i), var(*i), TE)
-
+    prev = None
     for step in range(fp.ISQRT_ITERS):
-        root = te.compute(var.shape, newton(root), name=f"ln_sqrt{step + 1}")
+        nxt = te.compute(var.shape, isqrt_stage(root, prev, var), name=f"ln_sqrt{step + 1}")
+        root, prev = nxt, root
     std = te.compute(var.shape, lambda *i: tirx.max(root(*i), 1), name="ln_std")
     a_bits = in_bits + frac_bits
     magic = None

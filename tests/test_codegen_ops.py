@@ -102,12 +102,17 @@ def test_int_add_broadcast_saturating():
     )
 
 
-@pytest.mark.parametrize("dt,c", [(np.int16, 192), (np.int8, 33)])
-def test_int_layernorm(dt, c):
+@pytest.mark.parametrize(
+    "dt,c,eps", [(np.int16, 192, 3), (np.int8, 33, 3), (np.int16, 64, 2**31 + 5)]
+)
+def test_int_layernorm(dt, c, eps):
+    """The last case puts every row's variance above 2^31 (the isqrt's 64-bit divisions) and
+    rows at the full int16 range."""
     x = (RNG.standard_normal((2, 5, c)) * (3000 if dt == np.int16 else 40)).astype(dt)
     x[0, 0] = 7  # a constant row: variance 0
+    x[1, 0, ::2], x[1, 0, 1::2] = np.iinfo(dt).max, np.iinfo(dt).min
     check(
-        [make_node("IntLayerNorm", ["x", "g", "b"], ["y"], "ln", epsilon=3, frac_bits=10)],
+        [make_node("IntLayerNorm", ["x", "g", "b"], ["y"], "ln", epsilon=eps, frac_bits=10)],
         {"x": x},
         {"g": ri(-2047, 2047, c, np.int32), "b": ri(-(2**20), 2**20, c, np.int32)},
     )

@@ -47,6 +47,11 @@ class _NumpyNS:
     def i64(x: Any) -> np.ndarray:
         return np.asarray(x).astype(np.int64)
 
+    @staticmethod
+    def div_pos(a: Any, b: Any) -> Any:
+        """floor(a / b) for a >= 0, b > 0."""
+        return a // b
+
 
 NUMPY = _NumpyNS()
 
@@ -166,8 +171,9 @@ def div_round_by_row(
 
 
 def isqrt_step(x: Any, n: Any, xp: Any = NUMPY) -> Any:
-    """One guarded Newton step for floor(sqrt(n)): min(x, floor((x + floor(n / x)) / 2))."""
-    return xp.minimum(x, (x + n // x) >> 1)
+    """One guarded Newton step for floor(sqrt(n)): min(x, floor((x + floor(n / x)) / 2)).
+    (n >= 1 and x >= 1, so the division is of non-negative values: `xp.div_pos`.)"""
+    return xp.minimum(x, (x + xp.div_pos(n, x)) >> 1)
 
 
 def isqrt_init(n: Any, xp: Any = NUMPY) -> Any:
