@@ -127,6 +127,8 @@ def test_cuda_gemms_on_tensor_cores_and_row_kernels_fit(tiny_cuda):
     assert len([n for n in bodies if "requantize" in n and "int_add" not in n]) <= 3
     row = TINY.embed_dim
     for name, body in bodies.items():
+        if "layernorm" not in name and "softmax" not in name:
+            continue
         for size in re.findall(r"__shared__ alignas\(\d+\) \w+ \w+\[(\d+)\]", body):
             assert int(size) <= ROWS_PER_BLOCK * max(row, 17), (name, size)
 
