@@ -208,13 +208,25 @@ TILE_SMALL = WmmaTile(2, 2, 2, 2, 4)
 _SM_COUNT = 132
 
 
-def pick_wmma_tile(batch: int, m: int, n: int) -> WmmaTile:
+#: k-slice depth (16-deep fragments) of a latency-bound GEMM's tile (see `pick_wmma_tile`).
+DEEP_K_FRAGS = 8
+
+
+def pick_wmma_tile(batch: int, m: int, n: int, k: int | None = None) -> WmmaTile:
     """The large tile when it gives every SM at least two blocks and n fills its columns, else
-    the small one (attention's probabilities.V, n = 64, would leave half the large tile idle)."""
+    the small one (attention's probabilities.V, n = 64, would leave half the large tile idle).
+    A GEMM that still gives fewer than two blocks per SM is latency-bound (batch 1): its k-slices
+    are then 128 deep instead of 64 when that does not pad k further, halving the
+    load-synchronise-multiply rounds each block walks in turn."""
     blocks = batch * -(-m // TILE_LARGE.rows) * -(-n // TILE_LARGE.cols)
-    if n <= TILE_SMALL.cols:
-        return TILE_SMALL
-    return TILE_LARGE if blocks >= 2 * _SM_COUNT else TILE_SMALL
+    if n > TILE_SMALL.cols and blocks >= 2 * _SM_COUNT:
+        return TILE_LARGE
+    tile = TILE_SMALL
+    small_blocks = batch * -(-m // tile.rows) * -(-n // tile.cols)
+    deep = 16 * DEEP_K_FRAGS
+    if k is not None and small_blocks < 2 * _SM_COUNT and -(-k // 64) * 64 % deep == 0:
+        tile = WmmaTile(tile.warps_m, tile.warps_n, tile.frags_m, tile.frags_n, DEEP_K_FRAGS)
+    return tile
 
 
 #: Split-K only for GEMMs at least this many 64-deep k-slices deep (one block walks them in turn,
@@ -226,17 +238,16 @@ def pick_split_k(m: int, n: int, k: int) -> int:
     """Chunks to cut K into (1: none) for an [m, k] x [k, n] GEMM that gives too few thread
     blocks to fill the GPU and walks many k-slices in each (DeiT's fc2 at batch 1: 24 blocks of
     24 slices): the most chunks, each a multiple of 64 and at least 2 slices deep, that keep the
-    grid within two blocks per SM."""
+    grid within two blocks per SM, preferring chunks a multiple of 128 deep (`pick_wmma_tile`'s
+    deep k-slices)."""
     tile = pick_wmma_tile(1, m, n)
     blocks = -(-m // tile.rows) * -(-n // tile.cols)
     slices = k // 64
     if k % 64 or slices < SPLIT_K_MIN_SLICES or blocks >= _SM_COUNT:
         return 1
-    best = 1
-    for s in range(2, slices // 2 + 1):
-        if slices % s == 0 and blocks * s <= 2 * _SM_COUNT:
-            best = s
-    return best
+    fits = [s for s in range(2, slices // 2 + 1) if slices % s == 0 and blocks * s <= 2 * _SM_COUNT]
+    even = [s for s in fits if (slices // s) % 2 == 0]  # chunks of whole 128-deep k-slices
+    return max(even or fits or [1])
 
 
 def _vector_lanes(elements: int, threads: int, max_lanes: int = 16) -> int:
@@ -294,7 +305,7 @@ def schedule_int8_wmma(
         sch.transform_layout(rc, ("read", 0), c_map)
         sch.transform_block_layout(main, mm_map)
         ext = [int(iv.dom.extent) for iv in sch.get(main).iter_vars]
-        t = tile or pick_wmma_tile(*ext[:3])
+        t = tile or pick_wmma_tile(*ext)
         sch.pad_einsum(main, [1, t.rows, t.cols, 16 * t.k_frags])
         batch, i, j, k = sch.get_loops(main)
         i, ii = sch.split(i, [None, 16])

@@ -140,6 +140,11 @@ def test_wmma_tile_choice_by_shape():
     assert pick_wmma_tile(1, 197, 384) == TILE_SMALL  # batch 1: the small tile fills more SMs
     assert pick_wmma_tile(384, 197, 197) == TILE_LARGE  # attention at batch 64: 6 x 64 heads
     assert TILE_LARGE.rows * TILE_LARGE.cols > TILE_SMALL.rows * TILE_SMALL.cols
+    assert pick_wmma_tile(384, 197, 64, 256) == TILE_SMALL  # P.V at batch 64 (384 heads): n = 64
+    deep = pick_wmma_tile(1, 197, 384, 384)  # batch 1, K = 384: latency-bound, 128-deep slices
+    assert (deep.rows, deep.cols, deep.k_frags) == (64, 64, 8)
+    assert pick_wmma_tile(1, 197, 384, 320).k_frags == TILE_SMALL.k_frags  # 320: no deeper pad
+    assert pick_wmma_tile(1, 12608, 1152, 384) == TILE_LARGE  # batch 64 fills the GPU
 
 
 @needs_nvcc
@@ -162,7 +167,8 @@ def test_wmma_schedule_builds_for_any_shape(shape):
     y = cuda.dense_nt_te(x, w, b, rq=(1 << 30, 38, -128, 127, "int8"))
     base = te.create_prim_func([x, w, b, y])
     funcs = {}
-    for i, tile in enumerate([cuda.TILE_LARGE, cuda.TILE_SMALL, cuda.WmmaTile(1, 2, 2, 2, 4)]):
+    tiles = [cuda.TILE_LARGE, cuda.TILE_SMALL, cuda.WmmaTile(1, 2, 2, 2, 4)]
+    for i, tile in enumerate([*tiles, cuda.WmmaTile(2, 2, 2, 2, cuda.DEEP_K_FRAGS)]):
         f = cuda.schedule_int8_wmma(base, tile)
         assert f is not None, tile
         funcs[f"g{i}"] = f.with_attr("global_symbol", f"g{i}")
@@ -170,7 +176,7 @@ def test_wmma_schedule_builds_for_any_shape(shape):
     with target:
         ex = tvm.compile(tvm.IRModule(funcs), target=target)
     src = compat.device_source(ex)
-    assert src.count("wmma::mma_sync") >= 3 and find_float_in_cuda(src) == []
+    assert src.count("wmma::mma_sync") >= 4 and find_float_in_cuda(src) == []
     assert cuda.check_cuda_compiles(src, "sm_90")
 
 
@@ -231,8 +237,8 @@ def _cuda_lowering_on_cpu(lib, batch: int, seeds=(0, 1)) -> set[str]:
 @pytest.mark.slow
 def test_cuda_lowering_matches_reference_on_cpu(tiny_cuda):
     """q / k / v are Requantized in the qkv GEMM's write-back and read in place (v as a [k, n]
-    right operand), the heads' merge is Requantized in the probabilities.V write-back and read in place by the projection;
-    the lowering's arithmetic equals the reference's."""
+    right operand), the heads' merge is Requantized in the probabilities.V write-back and read
+    in place by the projection; the lowering's arithmetic equals the reference's."""
     names = _cuda_lowering_on_cpu(tiny_cuda, 3)
     assert any(n.startswith("int8_dense_rq_pc_split") for n in names)  # qkv -> q, k, v
     assert not [n for n in names if n.startswith("operand")]  # q, k, v all read in place
@@ -243,7 +249,7 @@ def test_cuda_lowering_matches_reference_on_cpu(tiny_cuda):
 def test_split_k_choice_by_shape():
     from intq.codegen.cuda import pick_split_k
 
-    assert pick_split_k(197, 384, 1536) == 8  # DeiT-Small fc2 at batch 1: 24 -> 192 blocks
+    assert pick_split_k(197, 384, 1536) == 6  # DeiT-Small fc2 at batch 1: 24 -> 144 blocks
     assert pick_split_k(197, 1536, 384) == 1  # fc1: 6 slices deep, no split
     assert pick_split_k(12608, 384, 1536) == 1  # fc2 at batch 64 fills the GPU already
     assert pick_split_k(197, 384, 1500) == 1  # K not a multiple of 64
