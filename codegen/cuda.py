@@ -213,13 +213,16 @@ DEEP_K_FRAGS = 8
 
 
 def pick_wmma_tile(batch: int, m: int, n: int, k: int | None = None) -> WmmaTile:
-    """The large tile when it gives every SM at least two blocks and n fills its columns, else
-    the small one (attention's probabilities.V, n = 64, would leave half the large tile idle).
+    """The large tile when it gives every SM at least two blocks, n fills its columns and k is
+    more than one k-slice deep, else the small one (attention's probabilities.V, n = 64, would
+    leave half the large tile idle; q.k^T, k = 64, is bound by its write-back, whose shared
+    staging of the large tile leaves room for fewer blocks per SM).
     A GEMM that still gives fewer than two blocks per SM is latency-bound (batch 1): its k-slices
     are then 128 deep instead of 64 when that does not pad k further, halving the
     load-synchronise-multiply rounds each block walks in turn."""
     blocks = batch * -(-m // TILE_LARGE.rows) * -(-n // TILE_LARGE.cols)
-    if n > TILE_SMALL.cols and blocks >= 2 * _SM_COUNT:
+    one_slice = k is not None and k <= 16 * TILE_SMALL.k_frags  # q.k^T: write-back bound
+    if n > TILE_SMALL.cols and blocks >= 2 * _SM_COUNT and not one_slice:
         return TILE_LARGE
     tile = TILE_SMALL
     small_blocks = batch * -(-m // tile.rows) * -(-n // tile.cols)

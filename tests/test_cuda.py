@@ -141,6 +141,7 @@ def test_wmma_tile_choice_by_shape():
     assert pick_wmma_tile(384, 197, 197) == TILE_LARGE  # attention at batch 64: 6 x 64 heads
     assert TILE_LARGE.rows * TILE_LARGE.cols > TILE_SMALL.rows * TILE_SMALL.cols
     assert pick_wmma_tile(384, 197, 64, 256) == TILE_SMALL  # P.V at batch 64 (384 heads): n = 64
+    assert pick_wmma_tile(384, 197, 197, 64) == TILE_SMALL  # q.k^T at batch 64: one k-slice
     deep = pick_wmma_tile(1, 197, 384, 384)  # batch 1, K = 384: latency-bound, 128-deep slices
     assert (deep.rows, deep.cols, deep.k_frags) == (64, 64, 8)
     assert pick_wmma_tile(1, 197, 384, 320).k_frags == TILE_SMALL.k_frags  # 320: no deeper pad
