@@ -36,6 +36,14 @@ class _TENamespace:
         narrow = tirx.truncdiv(a.astype("int32"), b.astype("int32")).astype("int64")
         return tirx.if_then_else(small, narrow, tirx.truncdiv(a, b))
 
+    @staticmethod
+    def bit_length(n, bits: int):
+        """min(bitlen(n), bits) for int64 n >= 0: 64 - clz(n) (one instruction, where the
+        reference counts comparisons); n == 0 selected apart (LLVM's ctlz(0) is poison)."""
+        n = n.astype("int64")
+        width = 64 - tirx.clz(n).astype("int64")
+        return tirx.Select(n > 0, tirx.min(width, bits), tirx.const(0, "int64"))
+
 
 TE = _TENamespace()
 

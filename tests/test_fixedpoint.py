@@ -107,3 +107,23 @@ def test_exp2_neg_in_int32_after_the_cap(frac_bits):
     narrow = fp.exp2_neg(fp.exp2_neg_arg(d, frac_bits).astype(np.int32), frac_bits)
     assert narrow.dtype == np.int32
     np.testing.assert_array_equal(narrow, fp.exp2_neg(d, frac_bits))
+
+
+def test_bit_length_compiled_equals_reference():
+    """TE's bit_length (64 - clz) equals the reference's count of comparisons, at every power
+    of two and its neighbours, capped at `bits`, and at 0."""
+    import tvm
+    from tvm import te
+
+    from intq.codegen.te_ops import TE
+
+    pw = np.array([1 << k for k in range(0, 62)], dtype=np.int64)
+    n = np.unique(np.concatenate([[0, 1, 2, 3], pw - 1, pw, pw + 1]))
+    for bits in (21, 40):
+        x = te.placeholder(n.shape, "int64", "x")
+        y = te.compute(n.shape, lambda i: TE.bit_length(x[i], bits), name="y")  # noqa: B023
+        f = tvm.compile(te.create_prim_func([x, y]), target="llvm")
+        out = tvm.runtime.tensor(np.zeros(n.shape, np.int64))
+        f(tvm.runtime.tensor(n), out)
+        np.testing.assert_array_equal(out.numpy(), fp.NUMPY.bit_length(n, bits))
+        assert out.numpy().max() == bits

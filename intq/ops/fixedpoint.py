@@ -1,10 +1,10 @@
 """Fixed-point primitives: the single definition of intq's integer arithmetic.
 
 Every function here is written against a tiny integer "namespace" `xp` (operators
-``+ - * // >> << &`` plus ``xp.maximum / xp.minimum / xp.where``). The numpy reference passes
-`NUMPY`; the TVM lowering passes a namespace over TE expressions, so the reference and the
-compiled kernels evaluate literally the same formula. All intermediate values are int64; every
-shift amount is in [0, 62], so no shift is undefined on any target.
+``+ - * // >> << &`` plus ``xp.maximum / minimum / where / i64 / div_pos / bit_length``). The
+numpy reference passes `NUMPY`; the TVM lowering passes a namespace over TE expressions, so the
+reference and the compiled kernels evaluate literally the same formula. All intermediate values
+are int64; every shift amount is in [0, 62], so no shift is undefined on any target.
 
 Rounding is *round half up* everywhere: ``round_shift(x, c) = floor((x + 2^(c-1)) / 2^c)`` and
 ``div_round(a, b) = floor((2a + b) / (2b))`` for b > 0.
@@ -51,6 +51,14 @@ class _NumpyNS:
     def div_pos(a: Any, b: Any) -> Any:
         """floor(a / b) for a >= 0, b > 0."""
         return a // b
+
+    @staticmethod
+    def bit_length(n: Any, bits: int) -> Any:
+        """The number of k in [0, bits) with 2^k <= n (min(bitlen(n), bits) for n >= 0)."""
+        count = np.zeros(np.shape(n), dtype=np.int64)
+        for k in range(bits):
+            count += np.asarray(n >= (1 << k), dtype=np.int64)
+        return count
 
 
 NUMPY = _NumpyNS()
@@ -113,12 +121,9 @@ _LOW32 = (1 << 32) - 1
 
 
 def ceil_log2(d: Any, d_bits: int, xp: Any = NUMPY) -> Any:
-    """ceil(log2 d) for 1 <= d <= 2^d_bits: the number of k in [0, d_bits) with 2^k < d."""
-    one, zero = xp.i64(1), xp.i64(0)
-    n = d * 0
-    for k in range(d_bits):
-        n = n + xp.where(d > (1 << k), one, zero)
-    return n
+    """ceil(log2 d) for 1 <= d <= 2^d_bits: the number of k in [0, d_bits) with 2^k < d,
+    i.e. with 2^k <= d - 1 (`xp.bit_length`)."""
+    return xp.bit_length(d - 1, d_bits)
 
 
 def magic_divisor(d: Any, n_bits: int, d_bits: int, xp: Any = NUMPY) -> tuple[Any, Any]:
@@ -178,12 +183,10 @@ def isqrt_step(x: Any, n: Any, xp: Any = NUMPY) -> Any:
 
 def isqrt_init(n: Any, xp: Any = NUMPY) -> Any:
     """Newton's start for isqrt: 2^ceil(L / 2) with L = bitlen(n) capped at ISQRT_DOMAIN_BITS
-    (the number of k in [0, 40) with 2^k <= n): >= sqrt(n) on the domain, <= 2^20 always."""
-    one, zero = xp.i64(1), xp.i64(0)
-    bits = n * 0
-    for k in range(ISQRT_DOMAIN_BITS):
-        bits = bits + xp.where(n >= (1 << k), one, zero)
-    return one << ((bits + 1) >> 1)
+    (xp.bit_length: the number of k in [0, 40) with 2^k <= n): >= sqrt(n) on the domain,
+    <= 2^20 always."""
+    bits = xp.bit_length(n, ISQRT_DOMAIN_BITS)
+    return xp.i64(1) << ((bits + 1) >> 1)
 
 
 def isqrt_newton(n: Any, xp: Any = NUMPY) -> Any:
