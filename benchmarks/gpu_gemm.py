@@ -38,19 +38,24 @@ TILES = [
 ]
 
 
-def _name(shape, tile) -> str:
-    return "g_" + "x".join(map(str, shape)) + "_t" + "".join(map(str, tile))
+def _name(shape, tile, stages: int = 0) -> str:
+    return "g_" + "x".join(map(str, shape)) + "_t" + "".join(map(str, tile)) + f"_p{stages}"
 
 
-def prepare(out: str) -> None:
+def prepare(
+    out: str, pipelines: tuple[int, ...] = (0,), tiles=None, rows: tuple[int, ...] | None = None
+) -> None:
     import tvm
     from tvm import te
 
     from intq.codegen import compat, cuda
+    from intq.codegen.build import TARGETS
 
     os.makedirs(out, exist_ok=True)
-    funcs, rows = {}, []
+    funcs, kept, table = {}, rows, []
     for m, k, n in SHAPES:
+        if kept is not None and m not in kept:
+            continue
         x = te.placeholder((m, k), "int8", "x")
         w = te.placeholder((n, k), "int8", "w")
         b = te.placeholder((n,), "int32", "b")
@@ -58,21 +63,23 @@ def prepare(out: str) -> None:
         rc = te.placeholder((n,), "int32", "rc")
         y = cuda.dense_nt_te(x, w, b, rq=(rb, rc, -128, 127, "int8"))
         base = te.create_prim_func([x, w, b, rb, rc, y])
-        for tile in TILES:
-            f = cuda.schedule_int8_wmma(base, cuda.WmmaTile(*tile))
-            if f is None:
-                print(f"skip {(m, k, n)} {tile}: schedule failed", file=sys.stderr)
-                continue
-            name = _name((m, k, n), tile)
-            funcs[name] = f.with_attr("global_symbol", name)
-            rows.append({"name": name, "shape": [m, k, n], "tile": list(tile)})
+        for tile in tiles or TILES:
+            for stages in pipelines:
+                f = cuda.schedule_int8_wmma(base, cuda.WmmaTile(*tile), pipeline=stages)
+                if f is None:
+                    print(f"skip {(m, k, n)} {tile}: schedule failed", file=sys.stderr)
+                    continue
+                name = _name((m, k, n), tile, stages)
+                funcs[name] = f.with_attr("global_symbol", name)
+                table.append({"name": name, "shape": [m, k, n], "tile": list(tile), "p": stages})
     target = compat.cuda_target()
-    with target:
+    with target, tvm.transform.PassContext(config=TARGETS["cuda-int8"].pass_config):
         ex = tvm.compile(tvm.IRModule(funcs), target=target)
+    cuda.check_cuda_compiles(compat.device_source(ex), str(target.attrs["arch"]))
     ex.export_library(os.path.join(out, "gemm.so"))
     with open(os.path.join(out, "gemm.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"{len(rows)} kernels -> {out}/gemm.so")
+        json.dump(table, f, indent=1)
+    print(f"{len(table)} kernels -> {out}/gemm.so")
 
 
 def run(directory: str) -> None:
@@ -122,8 +129,8 @@ def run(directory: str) -> None:
             exact = bool(np.array_equal(y.numpy(), ref.astype(np.int8)))
             ms = _cuda_ms(lambda f=f, args=args, y=y: f(*args, y))
             print(
-                f"  tile {r['tile']}: {ms * 1e3:8.1f} us  {macs / ms / 1e9:6.0f} TOPS  "
-                f"x{cublas / ms:.2f} of cuBLAS int8  exact={exact}"
+                f"  tile {r['tile']} pipeline {r.get('p', 0)}: {ms * 1e3:8.1f} us  "
+                f"{macs / ms / 1e9:6.0f} TOPS  x{cublas / ms:.2f} of cuBLAS int8  exact={exact}"
             )
 
 
@@ -132,9 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--prepare", metavar="DIR")
     g.add_argument("--run", metavar="DIR")
+    ap.add_argument("--pipelines", default="0", help="software-pipeline stages, e.g. 0,2,3")
+    ap.add_argument("--tiles", default="", help="tile indices into TILES, e.g. 3,5 (all)")
+    ap.add_argument("--rows", default="", help="only these M, e.g. 12608")
     args = ap.parse_args(argv)
     if args.prepare:
-        prepare(args.prepare)
+        ints = lambda v: tuple(int(t) for t in v.split(",") if t)  # noqa: E731
+        tiles = [TILES[i] for i in ints(args.tiles)] or None
+        prepare(args.prepare, ints(args.pipelines), tiles, ints(args.rows) or None)
     else:
         run(args.run)
     return 0

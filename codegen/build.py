@@ -8,7 +8,7 @@ heavy ops, and what the target can do.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,8 @@ class TargetSpec:
     capabilities: frozenset[str]
     # target -> Relax pipeline (None: compat.lower's default for the target kind)
     pipeline: Callable[[Any], Any] | None = None
+    # TVM PassContext config the target's lowering and build run under
+    pass_config: dict[str, Any] = field(default_factory=dict)
 
 
 def _cpu_kernels(target: Any) -> Any:
@@ -74,6 +76,7 @@ TARGETS: dict[str, TargetSpec] = {
         "cuda",
         frozenset({"int8-gemm", "int8-tensor-core", "export"}),
         _cuda_pipeline,
+        {"tirx.use_async_copy": True},  # cp.async in the pipelined GEMMs (schedule_int8_wmma)
     ),
 }
 
@@ -120,12 +123,13 @@ def build(integer_onnx: onnx.ModelProto, target: str, config: CompileConfig) -> 
     # cuda-int8 with extra={"cuda_graph": True}: Relax captures the VM's kernel sequence in a CUDA
     # graph on the first run and replays it afterwards (RewriteCUDAGraph in the pipeline).
     graph = spec.device == "cuda" and bool(config.extra.get("cuda_graph", False))
-    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True} if graph else {}):
+    pass_config = {**spec.pass_config, **({"relax.backend.use_cuda_graph": True} if graph else {})}
+    with tvm.transform.PassContext(config=pass_config):
         lowered = compat.lower(mod, tvm_target, pipeline)
-    floats = compat.find_float_in_tir(lowered)
-    if floats:
-        raise IntegerOnlyViolation("float found in lowered TIR: " + "; ".join(floats[:5]))
-    ex = compat.build(lowered, tvm_target, lowered=True)  # the scanned module is what we build
+        floats = compat.find_float_in_tir(lowered)
+        if floats:
+            raise IntegerOnlyViolation("float found in lowered TIR: " + "; ".join(floats[:5]))
+        ex = compat.build(lowered, tvm_target, lowered=True)  # the scanned module is built
     device_source = compat.device_source(ex)
     if spec.device == "cuda":
         from intq.codegen.cuda import check_cuda_compiles, find_float_in_cuda

@@ -530,6 +530,23 @@ def _module_tree(mod: Any) -> Iterator[Any]:
         yield from _module_tree(sub)
 
 
+def loaded_buffer(expr: Any) -> Any:
+    """The buffer a TIR load expression reads (0.27 names the node TensorLoad, its buffer
+    `source`; earlier releases BufferLoad / `buffer`), or None when `expr` is not a load."""
+    if is_node(expr, "TensorLoad"):
+        return expr.source
+    if is_node(expr, "BufferLoad"):
+        return expr.buffer
+    return None
+
+
+def is_node(obj: Any, kind: str) -> bool:
+    """Whether a TIR node is of class `kind` ("BufferLoad", "BufferStore", ...): by its class
+    name, since 0.27 exposes some node classes only as constructor functions
+    (tvm.tirx.BufferLoad is a function, not a type)."""
+    return any(cls.__name__ == kind for cls in type(obj).__mro__)
+
+
 def device_source(executable: Any) -> str:
     """Generated device code (CUDA C) of every CUDA module in a built executable, concatenated;
     "" when there is none (CPU builds)."""

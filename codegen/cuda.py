@@ -208,6 +208,14 @@ TILE_SMALL = WmmaTile(2, 2, 2, 2, 4)
 _SM_COUNT = 132
 
 
+#: Unroll each thread's rounds of tile loads and of the write-back in `schedule_int8_wmma`.
+UNROLL_COPIES = True
+
+#: Shared-memory k-slice buffers of the pipelined GEMM (`schedule_int8_wmma(pipeline=)`): on the
+#: H200, 2 took DeiT-Small's four b64 dense GEMMs from 210 to 184 us per layer (3: 183 us;
+#: benchmarks/gpu_gemm.py, docs/PERFORMANCE.md).
+GEMM_PIPELINE_STAGES = 2
+
 #: k-slice depth (16-deep fragments) of a latency-bound GEMM's tile (see `pick_wmma_tile`).
 DEEP_K_FRAGS = 8
 
@@ -262,7 +270,7 @@ def _vector_lanes(elements: int, threads: int, max_lanes: int = 16) -> int:
 
 
 def schedule_int8_wmma(
-    func: tirx.PrimFunc, tile: WmmaTile | None = None, b_kn: bool = False
+    func: tirx.PrimFunc, tile: WmmaTile | None = None, b_kn: bool = False, pipeline: int = 0
 ) -> tirx.PrimFunc | None:
     """int8 x int8 -> int32 GEMM / batched GEMM on tensor cores (16x16x16 s8 WMMA).
 
@@ -334,16 +342,19 @@ def schedule_int8_wmma(
             threads = 32 * t.warps
             # (TVM 0.27 prints a padded 16 x int8 load's zero as a 16-argument make_int4)
             lanes = _vector_lanes(rows * 16 * t.k_frags, threads, 4 if padded else 16)
-            _, ty, tx, vec = sch.split(fused, [None, t.warps, 32, lanes])
+            rounds, ty, tx, vec = sch.split(fused, [None, t.warps, 32, lanes])
             sch.bind(ty, "threadIdx.y")
             sch.bind(tx, "threadIdx.x")
             sch.vectorize(vec)
+            if UNROLL_COPIES:
+                sch.unroll(rounds)  # a thread's loads of the slice issued back to back
             sch.storage_align(blk, 0, axis=-2, factor=32, offset=16)
             return blk
 
         k_pad = ext[3] % (16 * t.k_frags) != 0
-        a_s = stage(0, t.rows, k_pad or ext[1] % t.rows != 0)
-        b_s = stage(1, t.cols, k_pad or ext[2] % t.cols != 0)
+        a_pad, b_pad = k_pad or ext[1] % t.rows != 0, k_pad or ext[2] % t.cols != 0
+        a_s = stage(0, t.rows, a_pad)
+        b_s = stage(1, t.cols, b_pad)
         auto_inline_producers(sch, a_s)
         auto_inline_producers(sch, b_s)
         a_f = sch.cache_read(outer, 0, "wmma.matrix_a")
@@ -379,12 +390,37 @@ def schedule_int8_wmma(
         sch.tensorize(sch.get_loops(inner)[-3], intrin["compute"])
         auto_inline_consumer_chain(sch, c_s)
         fused = sch.fuse(*sch.get_loops(c_s)[-2:])
-        _, tx, vec = sch.split(fused, [None, 32, 4])
+        rounds, tx, vec = sch.split(fused, [None, 32, 4])
         sch.bind(tx, "threadIdx.x")
         sch.vectorize(vec)
+        if UNROLL_COPIES:
+            sch.unroll(rounds)
+        copies = all(_plain_copy(sch.get(blk)) for blk in (a_s, b_s))
+        if pipeline > 1 and copies and not (a_pad or b_pad) and ext[3] > 16 * t.k_frags:
+            # k-slice loads (cp.async into `pipeline` rotating shared buffers) run pipeline - 1
+            # slices ahead of the multiplies: a block's loads overlap its tensor-core work.
+            # Only unpadded 16-byte copies (TVM's cp.async injection fails on the padded
+            # 4-byte zero-filling loads) of more than one k-slice.
+            sch.annotate(k0, "software_pipeline_stage", [0, 0, pipeline - 1])
+            sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
+            sch.annotate(k0, "software_pipeline_async_stages", [0])
     except Exception:  # noqa: BLE001 - not an int8 GEMM this schedule covers
         return None
     return compat.mark_scheduled(sch.mod["main"])
+
+
+def _plain_copy(block: Any) -> bool:
+    """Whether a shared-memory staging block copies its operand as it is (a load of the same
+    dtype, or one guarded by the padding's if_then_else): what cp.async can do. An operand read
+    through a cast or arithmetic (a view that converts) is staged synchronously."""
+    store = block.body
+    if not compat.is_node(store, "BufferStore"):
+        return False
+    value = store.value
+    if str(getattr(getattr(value, "op", None), "name", "")).endswith("if_then_else"):
+        value = value.args[1]
+    source = compat.loaded_buffer(value)
+    return source is not None and str(source.dtype) == str(store.buffer.dtype)
 
 
 #: Threads along the summed axis in `schedule_colsum` (each sums a strided share of it).
@@ -417,7 +453,7 @@ def schedule_colsum(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
 ROWS_PER_BLOCK = 4
 
 
-def schedule_row_blocks(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+def schedule_row_blocks(func: tirx.PrimFunc, unroll: bool = True) -> tirx.PrimFunc | None:
     """One warp per row for a multi-stage row kernel (LayerNorm, Softmax), `ROWS_PER_BLOCK` rows
     per thread block: the last stage's row loops split over blockIdx.x / threadIdx.y; every
     earlier stage computed inside that row into shared memory (elementwise whole-tensor stages
@@ -426,7 +462,10 @@ def schedule_row_blocks(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     (shuffles), a per-row scalar stage (mean, a Newton step of the isqrt, the magic divisor) runs
     on one lane, and TVM inserts the barriers between stages. Small blocks let many rows run at
     once on each SM, which hides the serial per-row steps. None when the kernel does not have
-    that shape (the caller then uses `schedule_rows`)."""
+    that shape (the caller then uses `schedule_rows`). Each lane's loop over its share of the
+    row is unrolled (`unroll`): its loads then go out back to back instead of one per
+    iteration; these kernels wait on memory latency, not bandwidth (on the H200 at DeiT-Small
+    b64: LayerNorm 32.2 -> 26.4 us, Softmax 37.7 -> 32.7 us, benchmarks in PERFORMANCE.md)."""
     sch = Schedule(func)
     shape = cpu.row_kernel_shape(sch)
     if shape is None:
@@ -463,8 +502,10 @@ def schedule_row_blocks(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
                     return None
                 inner = red
             fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
-            _, tx = sch.split(fused, [None, 32])
+            per_lane, tx = sch.split(fused, [None, 32])
             sch.bind(tx, "threadIdx.x")
+            if unroll:
+                sch.unroll(per_lane)
     except Exception:  # noqa: BLE001 - not a row kernel
         return None
     return compat.mark_scheduled(sch.mod["main"]).with_attr("op_pattern", 8)  # kOpaque
@@ -494,6 +535,9 @@ class CudaKernels:
 
     def __init__(self, target: tvm.target.Target) -> None:
         self.target = target
+        arch = str(target.attrs.get("arch", "sm_90"))
+        # cp.async (sm_80 and newer) feeds the GEMMs' software pipeline
+        self.pipeline = GEMM_PIPELINE_STAGES if int(re.sub(r"\D", "", arch) or 0) >= 80 else 0
 
     def elementwise_attrs(self) -> dict:
         return {"intq.kernel": "rowwise"}
@@ -516,7 +560,7 @@ class CudaKernels:
             if kind == "colsum":
                 func = schedule_colsum(func) or func
             elif kind in ("gemm", "gemm_kn"):
-                wmma = schedule_int8_wmma(func, b_kn=kind == "gemm_kn")
+                wmma = schedule_int8_wmma(func, b_kn=kind == "gemm_kn", pipeline=self.pipeline)
                 if wmma is not None:
                     func = wmma.with_attr("op_pattern", 8)  # kOpaque: FuseOps leaves it alone
             elif len(sch.get_child_blocks(sch.get_sblock("root"))) > 1:

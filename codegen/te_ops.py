@@ -142,11 +142,22 @@ def int_layernorm(
     (per-tensor ints, or per-channel te.Tensors) applies a following Requantize in that stage."""
     n = int(x.shape[-1])
     in_bits = 8 * (tvm.DataType(x.dtype).bits // 8)
-    s1 = _row_reduce(x, lambda r, k: _i64(x(*r, k)), "ln_sum")
-    mean = te.compute(s1.shape, lambda *i: fp.div_round(s1(*i), n), name="ln_mean")
-    s2 = _row_reduce(
-        x, lambda r, k: (_i64(x(*r, k)) - mean(*r, 0)) * (_i64(x(*r, k)) - mean(*r, 0)), "ln_sq"
-    )
+    # 32-bit lanes where exact: the row sum while n * 2^(in_bits - 1) < 2^31; the square of
+    # x - mean while |x - mean| < 2^in_bits <= 2^16, as a uint32 product (< 2^32; modular
+    # uint32 arithmetic gives it exactly), widened to int64 for the row's sum
+    narrow_sum = in_bits - 1 + max(n - 1, 1).bit_length() < 31
+    acc = "int32" if narrow_sum else "int64"
+    s1 = _row_reduce(x, lambda r, k: x(*r, k).astype(acc), "ln_sum")
+    mean = te.compute(s1.shape, lambda *i: fp.div_round(_i64(s1(*i)), n), name="ln_mean")
+
+    def square(r, k):
+        if in_bits <= 16:
+            d = x(*r, k).astype("uint32") - mean(*r, 0).astype("uint32")
+            return (d * d).astype("int64")
+        d = _i64(x(*r, k)) - mean(*r, 0)
+        return d * d
+
+    s2 = _row_reduce(x, square, "ln_sq")
     var = te.compute(s2.shape, lambda *i: tirx.max(fp.div_round(s2(*i), n) + eps, 1), name="ln_var")
     # isqrt_newton, one stage per step (an expression tree would double in size every step)
     root = te.compute(var.shape, lambda *i: fp.isqrt_init(var(*i), TE), name="ln_sqrt0")
@@ -168,18 +179,22 @@ def int_layernorm(
 
     def out(*i):
         r = i[:-1]
-        mg = None if magic is None else (magic[0](*r, 0), magic[1](*r, 0))
-        v = core.layernorm_normalise(
-            _i64(x(*i)),
-            mean(*r, 0),
-            std(*r, 0),
-            _i64(gamma[i[-1]]),
-            _i64(beta[i[-1]]),
-            frac_bits,
-            in_bits,
-            TE,
-            mg,
-        )
+        if magic is not None:
+            v = _layernorm_normalise_i32(
+                x(*i), mean(*r, 0), std(*r, 0), gamma[i[-1]], beta[i[-1]], frac_bits,
+                (magic[0](*r, 0), magic[1](*r, 0)),
+            )  # fmt: skip
+        else:
+            v = core.layernorm_normalise(
+                _i64(x(*i)),
+                mean(*r, 0),
+                std(*r, 0),
+                _i64(gamma[i[-1]]),
+                _i64(beta[i[-1]]),
+                frac_bits,
+                in_bits,
+                TE,
+            )
         y = tirx.min(tirx.max(v, lo), hi).astype("int32")
         if rq is None:
             return y
@@ -189,12 +204,31 @@ def int_layernorm(
     return te.compute(x.shape, out, name="int_layernorm")
 
 
+def _layernorm_normalise_i32(x, mean, std, gamma, beta, frac_bits: int, magic):
+    """core.layernorm_normalise with its per-row magic division, evaluated where it fits in
+    32-bit lanes (the same values: every narrowing below is exact by its bound). With the magic
+    path taken (fixedpoint.row_div_bits(in_bits + frac_bits, LN_STD_BITS) = N <= 30):
+      n = 2 (x - mean) << frac_bits + std, |n| < 2^N: int32;
+      u = n ^ (n >> 31) in [0, 2^30), m < 2^32: u * m is one 32 x 32 -> 64-bit unsigned multiply,
+      (u * m) >> s = floor(u / 2 std) < 2^30: int32, ^ sign restores floor(n / 2 std);
+      q * gamma + beta: a 32 x 32 -> 64-bit signed multiply plus a widened add (int64 result,
+      saturated to int32 by the caller). A GPU runs each 64-bit op of the int64 form as several
+      32-bit instructions; this element loop is what bounds LayerNorm there."""
+    m, s = magic
+    n = ((x.astype("int32") - mean.astype("int32")) << (frac_bits + 1)) + std.astype("int32")
+    sign = n >> 31
+    u = (n ^ sign).astype("uint32").astype("uint64")
+    q = ((u * m.astype("uint32").astype("uint64")) >> s.astype("uint64")).astype("int32") ^ sign
+    return q.astype("int64") * _i64(gamma) + _i64(beta)
+
+
 def int_softmax(x: te.Tensor, *, frac_bits: int, pad_to: int | None = None) -> te.Tensor:
     """core.softmax_core per row. When frac_bits <= SOFTMAX_I32_MAX_FRAC the per-element work
     runs in int32 (exactly the int64 values, see fixedpoint.exp2_neg_arg): d = max - x is
-    formed in int64 and capped, then exp2_neg, the row sum (< 2^31 for rows < 2^17) and
-    e * recip + 2^21 (<= 2^30 + 2^21) all fit in int32. With `pad_to` (>= the row length) the
-    rows are written `pad_to` long, zeros after the row (aligned rows for a GEMM reading them)."""
+    formed as a uint32 difference (int64 for 64-bit x) and capped, then exp2_neg, the row sum
+    (< 2^31 for rows < 2^17) and e * recip + 2^21 (<= 2^30 + 2^21) all fit in int32. With
+    `pad_to` (>= the row length) the rows are written `pad_to` long, zeros after the row
+    (aligned rows for a GEMM reading them)."""
     n = int(x.shape[-1])
     # the row max in x's own dtype (exact), widened where it is used
     mx_x = _row_reduce(x, lambda r, k: x(*r, k), "sm_max", kind="max")
@@ -202,10 +236,15 @@ def int_softmax(x: te.Tensor, *, frac_bits: int, pad_to: int | None = None) -> t
     narrow = frac_bits <= fp.EXP2_I32_MAX_FRAC and n < (1 << (31 - fp.EXP2_BITS - 1))
 
     def exp_at(r, k):
-        d = mx(*r, 0) - _i64(x(*r, k))
         if not narrow:
-            return fp.exp2_neg(d, frac_bits, TE)
-        return fp.exp2_neg(fp.exp2_neg_arg(d, frac_bits, TE).astype("int32"), frac_bits, TE)
+            return fp.exp2_neg(mx(*r, 0) - _i64(x(*r, k)), frac_bits, TE)
+        if tvm.DataType(x.dtype).bits <= 32:
+            # 0 <= max - x < 2^32: exact as a uint32 difference, capped (< 2^31) in uint32
+            d = mx_x(*r, 0).astype("uint32") - x(*r, k).astype("uint32")
+            d = fp.exp2_neg_arg(d, frac_bits, TE).astype("int32")
+        else:
+            d = fp.exp2_neg_arg(mx(*r, 0) - _i64(x(*r, k)), frac_bits, TE).astype("int32")
+        return fp.exp2_neg(d, frac_bits, TE)
 
     acc = "int32" if narrow else "int64"
     # the exponentials once, kept per row (a "_row" stage: schedule_rows computes it inside the

@@ -181,6 +181,43 @@ def test_wmma_schedule_builds_for_any_shape(shape):
     assert cuda.check_cuda_compiles(src, "sm_90")
 
 
+@needs_nvcc
+@pytest.mark.slow
+def test_wmma_pipeline_only_where_cp_async_applies():
+    """pipeline=2 on an unpadded GEMM of several k-slices: double-buffered cp.async k-slice loads
+    (commit / wait groups); on a padded one (M = 197) or a single k-slice: the same kernel
+    without them, still scheduled. Both compile."""
+    import tvm
+    from tvm import te
+
+    from intq.codegen import cuda
+
+    def gemm(m, k, n):
+        x = te.placeholder((m, k), "int8", "x")
+        w = te.placeholder((n, k), "int8", "w")
+        b = te.placeholder((n,), "int32", "b")
+        y = cuda.dense_nt_te(x, w, b, rq=(1 << 30, 38, -128, 127, "int8"))
+        return te.create_prim_func([x, w, b, y])
+
+    srcs = {}
+    for name, shape in {
+        "full": (256, 384, 256),
+        "pad": (197, 384, 256),
+        "one": (256, 64, 256),
+    }.items():
+        f = cuda.schedule_int8_wmma(gemm(*shape), cuda.TILE_LARGE, pipeline=2)
+        assert f is not None, name
+        with (
+            compat.cuda_target() as target,
+            tvm.transform.PassContext(config=TARGETS["cuda-int8"].pass_config),
+        ):
+            ex = tvm.compile(tvm.IRModule({"main": f}), target=target)
+        srcs[name] = compat.device_source(ex)
+        assert "wmma::mma_sync" in srcs[name] and cuda.check_cuda_compiles(srcs[name], "sm_90")
+    assert "cp.async.cg.shared.global" in srcs["full"] and "cp.async.wait_group" in srcs["full"]
+    assert "cp.async" not in srcs["pad"] and "cp.async" not in srcs["one"]
+
+
 def test_wmma_schedule_declines_non_gemm():
     from tvm import te
 
