@@ -21,8 +21,8 @@ import numpy as np
 
 LN = {"shape": (64, 197, 384), "eps": 167, "frac_bits": 10}  # DeiT-Small b64, int16 residuals
 SM = {"shape": (64, 6, 197, 197), "frac_bits": 12, "pad": 208}  # its attention scores
-#: variant name -> schedule_row_blocks keyword arguments
-VARIANTS = {"default": {}, "rolled": {"unroll": False}}
+#: variant name -> (schedule_row_blocks keyword arguments, te_ops.LN_NARROW)
+VARIANTS = {"default": ({}, True), "rolled": ({"unroll": False}, True), "ln_int64": ({}, False)}
 
 
 def prepare(out: str) -> None:
@@ -32,7 +32,8 @@ def prepare(out: str) -> None:
     from intq.codegen import compat, cuda, te_ops
 
     funcs = {}
-    for variant, kw in VARIANTS.items():
+    for variant, (kw, narrow) in VARIANTS.items():
+        te_ops.LN_NARROW = narrow
         x = te.placeholder(LN["shape"], "int16", "x")
         g, b = te.placeholder((384,), "int32", "g"), te.placeholder((384,), "int32", "b")
         tb, tc = te.placeholder((384,), "int32", "tb"), te.placeholder((384,), "int32", "tc")
@@ -44,6 +45,7 @@ def prepare(out: str) -> None:
         p = te_ops.int_softmax(s, frac_bits=SM["frac_bits"], pad_to=SM["pad"])
         f = cuda.schedule_row_blocks(te.create_prim_func([s, p]), **kw)
         funcs[f"sm_{variant}"] = f.with_attr("global_symbol", f"sm_{variant}")
+    te_ops.LN_NARROW = True
     with compat.cuda_target() as target:
         ex = tvm.compile(tvm.IRModule(funcs), target=target)
     cuda.check_cuda_compiles(compat.device_source(ex), str(target.attrs["arch"]))

@@ -540,6 +540,12 @@ def loaded_buffer(expr: Any) -> Any:
     return None
 
 
+def region_buffer(region: Any) -> Any:
+    """The buffer of a block's read / write region (0.27: TensorRegion.source; earlier
+    releases: BufferRegion.buffer)."""
+    return region.source if hasattr(region, "source") else region.buffer
+
+
 def is_node(obj: Any, kind: str) -> bool:
     """Whether a TIR node is of class `kind` ("BufferLoad", "BufferStore", ...): by its class
     name, since 0.27 exposes some node classes only as constructor functions

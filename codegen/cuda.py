@@ -208,9 +208,6 @@ TILE_SMALL = WmmaTile(2, 2, 2, 2, 4)
 _SM_COUNT = 132
 
 
-#: Unroll each thread's rounds of tile loads and of the write-back in `schedule_int8_wmma`.
-UNROLL_COPIES = True
-
 #: Shared-memory k-slice buffers of the pipelined GEMM (`schedule_int8_wmma(pipeline=)`): on the
 #: H200, 2 took DeiT-Small's four b64 dense GEMMs from 210 to 184 us per layer (3: 183 us;
 #: benchmarks/gpu_gemm.py, docs/PERFORMANCE.md).
@@ -342,12 +339,11 @@ def schedule_int8_wmma(
             threads = 32 * t.warps
             # (TVM 0.27 prints a padded 16 x int8 load's zero as a 16-argument make_int4)
             lanes = _vector_lanes(rows * 16 * t.k_frags, threads, 4 if padded else 16)
-            rounds, ty, tx, vec = sch.split(fused, [None, t.warps, 32, lanes])
+            _, ty, tx, vec = sch.split(fused, [None, t.warps, 32, lanes])
             sch.bind(ty, "threadIdx.y")
             sch.bind(tx, "threadIdx.x")
             sch.vectorize(vec)
-            if UNROLL_COPIES:
-                sch.unroll(rounds)  # a thread's loads of the slice issued back to back
+
             sch.storage_align(blk, 0, axis=-2, factor=32, offset=16)
             return blk
 
@@ -393,7 +389,7 @@ def schedule_int8_wmma(
         rounds, tx, vec = sch.split(fused, [None, 32, 4])
         sch.bind(tx, "threadIdx.x")
         sch.vectorize(vec)
-        if UNROLL_COPIES:
+        if _reads_tensor(sch.get(c_s)):  # a residual: its loads go out back to back
             sch.unroll(rounds)
         copies = all(_plain_copy(sch.get(blk)) for blk in (a_s, b_s))
         if pipeline > 1 and copies and not (a_pad or b_pad) and ext[3] > 16 * t.k_frags:
@@ -407,6 +403,17 @@ def schedule_int8_wmma(
     except Exception:  # noqa: BLE001 - not an int8 GEMM this schedule covers
         return None
     return compat.mark_scheduled(sch.mod["main"])
+
+
+def _reads_tensor(block: Any) -> bool:
+    """Whether a GEMM's write-back reads a global tensor of two or more dimensions (a residual
+    added there), not only the staged accumulators and per-column constants. Its rounds are
+    then unrolled, so each thread's residual loads go out together: on the H200 (DeiT-Small
+    b64) that took proj / fc2 + residual from 1.025 to 0.921 ms per run, where unrolling every
+    write-back slowed q.k^T (66 -> 91 us per layer) and the qkv split; unrolling the tile
+    loads too gained nothing at b64 and cost 0.04 ms at b1 (docs/PERFORMANCE.md)."""
+    buffers = [compat.region_buffer(r) for r in block.reads]
+    return any(str(b.scope()) == "global" and len(b.shape) >= 2 for b in buffers)
 
 
 def _plain_copy(block: Any) -> bool:

@@ -218,6 +218,35 @@ def test_wmma_pipeline_only_where_cp_async_applies():
     assert "cp.async" not in srcs["pad"] and "cp.async" not in srcs["one"]
 
 
+@needs_nvcc
+@pytest.mark.slow
+def test_wmma_write_back_unrolled_only_when_it_reads_a_tensor():
+    """A write-back that adds a residual [m, n] tensor is unrolled (its stores, and the
+    residual's loads, appear once per round); one that only requantizes keeps its loop (a
+    single store site)."""
+    import tvm
+    from tvm import te
+
+    from intq.codegen import cuda
+
+    m, k, n = 256, 384, 256
+    x = te.placeholder((m, k), "int8", "x")
+    w = te.placeholder((n, k), "int8", "w")
+    b = te.placeholder((n,), "int32", "b")
+    r = te.placeholder((m, n), "int8", "r")
+    rq = (1 << 30, 38, -128, 127, "int8")
+    plain = te.create_prim_func([x, w, b, cuda.dense_nt_te(x, w, b, rq=rq)])
+    added = cuda.dense_nt_te(x, w, b, rq=rq, residual=(r, None, -128, 127, "int8"))
+    funcs = {"plain": plain, "added": te.create_prim_func([x, w, b, r, added])}
+    stores = {}
+    for name, f in funcs.items():
+        f = cuda.schedule_int8_wmma(f, cuda.TILE_LARGE).with_attr("global_symbol", name)
+        with compat.cuda_target() as target:
+            src = compat.device_source(tvm.compile(tvm.IRModule({name: f}), target=target))
+        stores[name] = len(re.findall(r"\by_ptr\b", src))  # the signature's, the stores'
+    assert stores["plain"] <= 3 and stores["added"] > stores["plain"] + 3, stores
+
+
 def test_wmma_schedule_declines_non_gemm():
     from tvm import te
 
