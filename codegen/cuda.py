@@ -28,6 +28,7 @@ once (`check_cuda_compiles`), so a kernel nvcc rejects fails the compile, not th
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -494,15 +495,26 @@ def schedule_row_blocks(func: tirx.PrimFunc, unroll: bool = True) -> tirx.PrimFu
                 if not name.endswith("_row"):
                     sch.compute_inline(block)
                     continue
-            sch.set_scope(block, 0, "shared")
+            per_row = math.prod(extent[len(out_extent) - 1 :]) == 1 or any(
+                iv.iter_type != 0 for iv in b_iters
+            )  # one value per row (a scalar stage, or a reduction over the row)
+            # A per-row value lives in every lane's registers ("local"): the reductions end in
+            # a warp all-reduce that leaves the result in every lane, and the scalar stages
+            # (mean, the isqrt steps, the magic divisor) run on all 32 lanes at once, costing
+            # the same issue slots as on one. Kept in shared memory, written by lane 0 and read
+            # by all, they would need a warp barrier that TVM 0.27 does not insert: lanes read
+            # stale values whenever lane 0 ran late (MiniLM's 64-bit isqrt divisions on the H200).
+            sch.set_scope(block, 0, "local" if per_row else "shared")
             sch.compute_at(block, ty, preserve_unit_loops=True)
-            kept.append(block)
+            kept.append((block, per_row))
         sch.bind(bx, "blockIdx.x")
         sch.bind(ty, "threadIdx.y")
-        for block in [*kept, last]:
+        for block, per_row in [*kept, (last, False)]:
             inner = sch.get_loops(block)[2:]
             kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
             n_red = sum(1 for k in kinds if k != 0)
+            if per_row and not n_red:
+                continue  # every lane computes the row's scalar itself
             if n_red:  # reduce over the trailing loops; any spatial loop before is unit
                 spatial, red = inner[:-n_red], inner[-n_red:]
                 if any(int(sch.get(lp).extent) != 1 for lp in spatial):

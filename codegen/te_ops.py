@@ -199,6 +199,7 @@ def int_layernorm(
                 frac_bits,
                 in_bits,
                 TE,
+                None if magic is None else (magic[0](*r, 0), magic[1](*r, 0)),
             )
         y = tirx.min(tirx.max(v, lo), hi).astype("int32")
         if rq is None:
