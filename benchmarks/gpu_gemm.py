@@ -1,10 +1,11 @@
 """int8 GEMM tiles of `codegen.cuda.schedule_int8_wmma` on the GPU, beside cuBLAS, by shape.
 
-    python benchmarks/gpu_gemm.py --prepare DIR                     # here (TVM + nvcc)
+    python benchmarks/gpu_gemm.py --prepare DIR [--pipelines 0,2,3] [--tiles 0,3] [--rows 12608]
     PYTHONPATH=BUNDLE/site python3 benchmarks/gpu_gemm.py --run DIR  # GPU machine (torch, numpy)
 
 `--prepare` builds one CUDA module holding the fused GEMM kernel that cuda-int8 emits for a dense
-layer (int8 x int8 -> int32, + bias, per-column Requantize to int8) for every (shape, tile) pair,
+layer (int8 x int8 -> int32, + bias, per-column Requantize to int8) for every (shape, tile,
+software-pipeline depth) triple (`--tiles` indexes TILES, `--rows` keeps those M only),
 and writes it as DIR/gemm.so with DIR/gemm.json (kernel names, shapes, tiles). `--run` checks
 every kernel against the exact result (torch._int_mm, exact int32, then the reference
 requantization in numpy) element by element and times it with CUDA events, beside the same

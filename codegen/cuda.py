@@ -278,8 +278,11 @@ def schedule_int8_wmma(
     k loop, and the accumulators go through shared memory to global with the epilogue (bias,
     folded Requantize, GELU table, residual add) inlined into that write. Blocks: x over column
     tiles, y over row tiles, z over the batch. With `b_kn` B is staged as [S, K, J] (row-major
-    matrix_b fragments): a right operand read in place along n (v inside the qkv output). None
-    when `func` is not such a GEMM.
+    matrix_b fragments): a right operand read in place along n (v inside the qkv output). With
+    `pipeline` = S > 1 the k-slice loads go through cp.async into S rotating shared buffers,
+    S - 1 slices ahead of the multiplies (only where both tiles load unpadded 16-byte rows and
+    k spans several slices); the write-back is unrolled when it reads a tensor
+    (`_reads_tensor`). None when `func` is not such a GEMM.
     """
     from tvm.s_tir.dlight.gpu.matmul import (
         auto_inline_consumer_chain,
