@@ -555,6 +555,9 @@ def schedule_rows(func: tirx.PrimFunc, threads: int = 128) -> tirx.PrimFunc:
 class CudaKernels:
     """The kernel library `codegen.lower` calls for IntMatMul / IntConv on cuda-int8."""
 
+    #: LayerNorm's element loop in 32-bit lanes (te_ops.int_layernorm(narrow=True))
+    narrow_layernorm = True
+
     def __init__(self, target: tvm.target.Target) -> None:
         self.target = target
         arch = str(target.attrs.get("arch", "sm_90"))

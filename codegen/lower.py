@@ -536,6 +536,7 @@ def _int_add(ctx: LowerCtx, node, attrs):
 def _int_layernorm(ctx: LowerCtx, node, attrs):
     """One kernel; a following Requantize that alone reads the output runs in its last stage."""
     kw = dict(eps=int(attrs["epsilon"]), frac_bits=int(attrs["frac_bits"]))
+    kw["narrow"] = bool(getattr(ctx.kernels, "narrow_layernorm", False))
     shape = ctx.shapes[node.output[0]]
     args = [ctx.value(i) for i in node.input]
     rq_node = ctx.sole_consumer(node.output[0], "Requantize")

@@ -133,18 +133,23 @@ def isqrt_stage(root: te.Tensor, prev: te.Tensor | None, n: te.Tensor):
     return f
 
 
-#: LayerNorm's element loop in 32-bit lanes (`_layernorm_normalise_i32`); False: the int64 form
-#: (kept for benchmarks/gpu_rows.py's comparison; both equal the reference).
-LN_NARROW = True
-
-
 def int_layernorm(
-    x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, *, eps: int, frac_bits: int, rq=None
+    x: te.Tensor,
+    gamma: te.Tensor,
+    beta: te.Tensor,
+    *,
+    eps: int,
+    frac_bits: int,
+    rq=None,
+    narrow: bool = False,
 ):
     """core.layernorm_row_stats as row stages (sum, mean, centred sum of squares, variance, the
     isqrt Newton steps, std), the row's magic divisor (fixedpoint.row_magic), then
     core.layernorm_normalise per element, saturated to int32; `rq` = (b, c, lo, hi, dtype)
-    (per-tensor ints, or per-channel te.Tensors) applies a following Requantize in that stage."""
+    (per-tensor ints, or per-channel te.Tensors) applies a following Requantize in that stage.
+    `narrow`: the element loop in 32-bit lanes (`_layernorm_normalise_i32`, the same values),
+    the kernel library's choice: on the H200 LayerNorm went 29.9 -> 25.3 us with it, on a
+    2-core AVX2 CPU it was 6-7 % slower, so cpu-int8 keeps the int64 form."""
     n = int(x.shape[-1])
     in_bits = 8 * (tvm.DataType(x.dtype).bits // 8)
     # 32-bit lanes where exact: the row sum while n * 2^(in_bits - 1) < 2^31; the square of
@@ -184,7 +189,7 @@ def int_layernorm(
 
     def out(*i):
         r = i[:-1]
-        if magic is not None and LN_NARROW:
+        if magic is not None and narrow:
             v = _layernorm_normalise_i32(
                 x(*i), mean(*r, 0), std(*r, 0), gamma[i[-1]], beta[i[-1]], frac_bits,
                 (magic[0](*r, 0), magic[1](*r, 0)),

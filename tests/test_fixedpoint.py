@@ -127,3 +127,35 @@ def test_bit_length_compiled_equals_reference():
         f(tvm.runtime.tensor(n), out)
         np.testing.assert_array_equal(out.numpy(), fp.NUMPY.bit_length(n, bits))
         assert out.numpy().max() == bits
+
+
+@pytest.mark.parametrize("narrow", [False, True], ids=["int64", "32-bit lanes"])
+def test_layernorm_element_loop_forms_equal_reference(narrow):
+    """te_ops.int_layernorm's two element-loop forms (cpu-int8's int64, cuda-int8's 32-bit lanes)
+    equal the reference on int16 rows at the extremes: |x - mean| near 2^16 and variances
+    above 2^31 (the isqrt's 64-bit divisions), and on constant rows (variance 0)."""
+    import tvm
+    from tvm import te
+
+    from intq.codegen import te_ops
+    from intq.ops import core
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(-(2**15), 2**15, (6, 384)).astype(np.int16)
+    x[1, ::2], x[1, 1::2] = -(2**15), 2**15 - 1  # |x - mean| ~ 2^15, variance ~ 2^30
+    x[2, :] = 2**15 - 1  # constant row
+    x[3, :200] = -(2**15)  # skewed: |x - mean| up to ~2^16
+    g = rng.integers(-3000, 3000, 384).astype(np.int32)
+    b = rng.integers(-(2**20), 2**20, 384).astype(np.int32)
+    want = core.layernorm_core(
+        x.astype(np.int64), g.astype(np.int64), b.astype(np.int64), 384, 0, 10,
+        lambda t: t.sum(axis=-1, keepdims=True),
+    )  # fmt: skip
+    want = np.clip(want, -(2**31), 2**31 - 1).astype(np.int32)
+    X = te.placeholder(x.shape, "int16", "x")
+    G, B = te.placeholder((384,), "int32", "g"), te.placeholder((384,), "int32", "b")
+    Y = te_ops.int_layernorm(X, G, B, eps=0, frac_bits=10, narrow=narrow)
+    f = tvm.compile(te.create_prim_func([X, G, B, Y]), target="llvm")
+    out = tvm.runtime.tensor(np.zeros(x.shape, np.int32))
+    f(tvm.runtime.tensor(x), tvm.runtime.tensor(g), tvm.runtime.tensor(b), out)
+    np.testing.assert_array_equal(out.numpy(), want)
