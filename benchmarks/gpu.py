@@ -100,18 +100,19 @@ def _cuda_ms(fn, iters: int = 50, warmup: int = 10) -> float:
     return best
 
 
-def _graph_ms(model, x) -> float:
+def _graph_ms(model, *inputs) -> float:
+    """Time of one CUDA-graph replay of model(*inputs) (captured after warm-up on a side stream)."""
     import torch
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s), torch.no_grad():
         for _ in range(3):
-            model(x)
+            model(*inputs)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.no_grad():
-        model(x)
+        model(*inputs)
     return _cuda_ms(graph.replay)
 
 
@@ -130,13 +131,13 @@ def _torch_times(name: str, b: int) -> dict[str, float]:
     return out
 
 
-def _intq_ms(ex, x: np.ndarray) -> float:
-    """VM time of `main` with the quantized input already on the GPU (time_evaluator: it
+def _intq_ms(ex, *inputs: np.ndarray) -> float:
+    """VM time of `main` with the quantized inputs already on the GPU (time_evaluator: it
     synchronises the device around each repeat)."""
     from intq import boundary
     from intq.codegen import compat
 
-    q = boundary.quantize_inputs(ex.signature.inputs, [x])
+    q = boundary.quantize_inputs(ex.signature.inputs, list(inputs))
     args = [compat.to_device_tensor(a, ex._device) for a in q]
     vm = ex._vm
     vm.set_input("main", *args)

@@ -103,20 +103,9 @@ def torch_bert(dims: dict):
     return Bert()
 
 
-def _intq_ms(ex, inputs: list[np.ndarray]) -> float:
-    from intq import boundary
-    from intq.codegen import compat
-
-    q = boundary.quantize_inputs(ex.signature.inputs, inputs)
-    vm = ex._vm
-    vm.set_input("main", *[compat.to_device_tensor(a, ex._device) for a in q])
-    te = vm.time_evaluator("invoke_stateful", ex._device, number=20, repeat=5, min_repeat_ms=0)
-    return min(te("main").results) * 1e3
-
-
 def run(directory: str) -> None:
     import torch
-    from gpu import _cuda_ms  # benchmarks/gpu.py: CUDA-event timing, best of 3
+    from gpu import _cuda_ms, _graph_ms, _intq_ms  # benchmarks/gpu.py's timers
 
     from intq import runtime
 
@@ -129,7 +118,7 @@ def run(directory: str) -> None:
         y = ex.run(ids, mask)
         row = {"model": tag, "bit_exact": bool(np.array_equal(y, ref))}
         row["mismatches"] = int(np.sum(y != ref)) if y.shape == ref.shape else -1
-        row["intq_ms"] = _intq_ms(ex, [ids, mask])
+        row["intq_ms"] = _intq_ms(ex, ids, mask)
         t_ids, t_mask = torch.from_numpy(ids).cuda(), torch.from_numpy(mask).cuda()
         dims = json.load(open(os.path.join(directory, "minilm.json")))
         for dtype, label in ((torch.float32, "fp32"), (torch.float16, "fp16")):
@@ -137,16 +126,7 @@ def run(directory: str) -> None:
             m = torch_bert(dims).to("cuda", dtype).eval()
             with torch.no_grad():
                 row[f"{label}_eager"] = _cuda_ms(lambda m=m, a=t_ids, k=t_mask: m(a, k))
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for _ in range(3):
-                        m(t_ids, t_mask)
-                torch.cuda.current_stream().wait_stream(s)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    m(t_ids, t_mask)
-            row[f"{label}_graph"] = _cuda_ms(graph.replay)
+            row[f"{label}_graph"] = _graph_ms(m, t_ids, t_mask)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")

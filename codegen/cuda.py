@@ -347,7 +347,6 @@ def schedule_int8_wmma(
             sch.bind(ty, "threadIdx.y")
             sch.bind(tx, "threadIdx.x")
             sch.vectorize(vec)
-
             sch.storage_align(blk, 0, axis=-2, factor=32, offset=16)
             return blk
 
@@ -467,16 +466,16 @@ ROWS_PER_BLOCK = 4
 def schedule_row_blocks(func: tirx.PrimFunc, unroll: bool = True) -> tirx.PrimFunc | None:
     """One warp per row for a multi-stage row kernel (LayerNorm, Softmax), `ROWS_PER_BLOCK` rows
     per thread block: the last stage's row loops split over blockIdx.x / threadIdx.y; every
-    earlier stage computed inside that row into shared memory (elementwise whole-tensor stages
-    are inlined unless named "_row"); each stage's loop over the row split over the warp's 32
-    lanes (threadIdx.x). A row reduction therefore becomes a warp all-reduce
-    (shuffles), a per-row scalar stage (mean, a Newton step of the isqrt, the magic divisor) runs
-    on one lane, and TVM inserts the barriers between stages. Small blocks let many rows run at
-    once on each SM, which hides the serial per-row steps. None when the kernel does not have
-    that shape (the caller then uses `schedule_rows`). Each lane's loop over its share of the
-    row is unrolled (`unroll`): its loads then go out back to back instead of one per
-    iteration; these kernels wait on memory latency, not bandwidth (on the H200 at DeiT-Small
-    b64: LayerNorm 32.2 -> 26.4 us, Softmax 37.7 -> 32.7 us, benchmarks in PERFORMANCE.md)."""
+    earlier stage computed inside that row (elementwise whole-tensor stages are inlined unless
+    named "_row"). A row reduction runs over the warp's 32 lanes (threadIdx.x) and ends in a
+    warp all-reduce (shuffles) that leaves the row's value in every lane's registers; a per-row
+    scalar stage (mean, a Newton step of the isqrt, the magic divisor) runs in every lane on
+    those registers; a "_row" stage is split over the lanes into shared memory. Small blocks
+    let many rows run at once on each SM, which hides the serial per-row steps. None when the
+    kernel does not have that shape (the caller then uses `schedule_rows`). Each lane's loop
+    over its share of the row is unrolled (`unroll`): its loads then go out back to back
+    instead of one per iteration (on the H200 at DeiT-Small b64: LayerNorm 32.2 -> 26.4 us,
+    Softmax 37.7 -> 32.7 us; benchmarks/gpu_rows.py, docs/PERFORMANCE.md)."""
     sch = Schedule(func)
     shape = cpu.row_kernel_shape(sch)
     if shape is None:
@@ -506,7 +505,7 @@ def schedule_row_blocks(func: tirx.PrimFunc, unroll: bool = True) -> tirx.PrimFu
             # (mean, the isqrt steps, the magic divisor) run on all 32 lanes at once, costing
             # the same issue slots as on one. Kept in shared memory, written by lane 0 and read
             # by all, they would need a warp barrier that TVM 0.27 does not insert: lanes read
-            # stale values whenever lane 0 ran late (MiniLM's 64-bit isqrt divisions on the H200).
+            # stale values whenever lane 0 ran late (MiniLM's first LayerNorm on the H200).
             sch.set_scope(block, 0, "local" if per_row else "shared")
             sch.compute_at(block, ty, preserve_unit_loops=True)
             kept.append((block, per_row))

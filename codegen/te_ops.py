@@ -189,11 +189,11 @@ def int_layernorm(
 
     def out(*i):
         r = i[:-1]
-        if magic is not None and narrow:
+        mg = None if magic is None else (magic[0](*r, 0), magic[1](*r, 0))
+        if mg is not None and narrow:
             v = _layernorm_normalise_i32(
-                x(*i), mean(*r, 0), std(*r, 0), gamma[i[-1]], beta[i[-1]], frac_bits,
-                (magic[0](*r, 0), magic[1](*r, 0)),
-            )  # fmt: skip
+                x(*i), mean(*r, 0), std(*r, 0), gamma[i[-1]], beta[i[-1]], frac_bits, mg
+            )
         else:
             v = core.layernorm_normalise(
                 _i64(x(*i)),
@@ -204,7 +204,7 @@ def int_layernorm(
                 frac_bits,
                 in_bits,
                 TE,
-                None if magic is None else (magic[0](*r, 0), magic[1](*r, 0)),
+                mg,
             )
         y = tirx.min(tirx.max(v, lo), hi).astype("int32")
         if rq is None:
