@@ -149,7 +149,7 @@ def run(args) -> None:
         so = os.path.join(args.run, f"{tag}_kernels.so")
         if not os.path.exists(so):  # written by benchmarks/cpu.py --prepare --kernels
             so = os.path.join(args.run, f"{tag}.so")
-        mod = tvm.runtime.load_module(so)
+        mod = compat.load_executable(so)
         print(f"\n{tag}: {args.threads} threads")
         time_kernels(mod.imports[0], kernels, tvm.cpu())
         if os.path.exists(os.path.join(args.run, f"{tag}.so")):  # a whole intq artifact
@@ -170,7 +170,7 @@ def local(args) -> None:
         with tempfile.TemporaryDirectory() as wd:
             so = os.path.join(wd, "m.so")
             lib.export(so)
-            mod = tvm.runtime.load_module(so)
+            mod = compat.load_executable(so)
             print(f"{args.model} batch {batch}: {args.threads} threads")
             time_kernels(mod.imports[0], kernels, tvm.cpu())
 

@@ -147,6 +147,7 @@ _CPUINFO_TO_LLVM = {
     "avx512_vnni": "avx512vnni",
     "avx_vnni": "avxvnni",
     "amx_int8": "amx-int8",
+    "amx_tile": "amx-tile",
 }
 
 
@@ -416,14 +417,36 @@ def install_cuda_jit_nvcc(nvcc: str = "nvcc") -> None:
 
 
 def load_executable(path: str | os.PathLike[str]) -> tvm.runtime.Module:
-    """Load an exported ``.so`` (works in a runtime-only process)."""
+    """Load an exported ``.so`` (works in a runtime-only process); requests AMX permission
+    where the host has AMX (:func:`enable_amx`), since its kernels may run without a VM."""
+    enable_amx()
     return tvm.runtime.load_module(os.fspath(path))
 
 
+_ARCH_REQ_XCOMP_PERM = 0x1023  # arch_prctl request (Linux >= 5.16, x86-64)
+_XFEATURE_XTILEDATA = 18  # the AMX tile data state component
+_SYS_ARCH_PRCTL = 158  # x86-64 syscall number
+
+
+@functools.lru_cache(maxsize=1)
+def enable_amx() -> bool:
+    """Ask Linux for this process's permission to use AMX tile state (every thread, once per
+    process); True when granted. Without it an AMX instruction (cpu-int8 kernels built for a
+    target with amx-int8) kills the process with SIGILL. False on a host without AMX."""
+    if "amx_tile" not in host_cpu_flags():
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+
+
 def virtual_machine(executable: Any, device: Device | None = None) -> Any:
-    """A Relax VM over a built ``Executable`` or a loaded module. Call ``vm["main"](*tensors)``."""
+    """A Relax VM over a built ``Executable`` or a loaded module. Call ``vm["main"](*tensors)``.
+    Requests AMX permission first where the host has AMX (see :func:`enable_amx`)."""
     from tvm.runtime.vm import VirtualMachine
 
+    enable_amx()
     return VirtualMachine(executable, device if device is not None else tvm.cpu())
 
 

@@ -20,7 +20,7 @@ from tvm import relax, te, tirx
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
-from intq.codegen import compat, te_ops
+from intq.codegen import compat, cpu_amx, te_ops
 from intq.errors import LoweringError
 
 # ----------------------------------------------------------------------------------------------
@@ -149,8 +149,11 @@ VNNI_FLIP = 128
 
 
 def pick_isa(target: tvm.target.Target) -> str:
-    """Kernel flavour for a CPU target, from the target's own features (mcpu + mattr)."""
+    """Kernel flavour for a CPU target, from the target's own features (mcpu + mattr). "amx":
+    AMX-INT8 for the int8 dense GEMMs (codegen/cpu_amx.py), AVX-512 VNNI for the rest."""
     has = tvm.target.codegen.target_has_features
+    if has(["avx512f", "avx512bw", "avx512vnni", "amx-tile", "amx-int8"], target):
+        return "amx"
     if has(["avx512f", "avx512bw", "avx512vnni"], target):
         return "avx512vnni"
     if has(["avx512f", "avx512bw"], target):
@@ -512,8 +515,14 @@ def schedule_rows(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
 class CpuKernels:
     """The kernel library `codegen.lower` calls for IntMatMul / IntConv on cpu-int8."""
 
-    def __init__(self, target: tvm.target.Target) -> None:
-        self.isa = pick_isa(target)
+    def __init__(self, target: tvm.target.Target, amx: str | None = None) -> None:
+        """amx: None = AMX GEMMs where the target has AMX; "emulate" = the AMX kernels with each
+        tile instruction emulated by TIR loops (runs anywhere: tests of the kernels' logic)."""
+        isa = pick_isa(target)
+        self.amx = amx or ("hw" if isa == "amx" else None)
+        if isa == "amx":
+            isa = "avx512vnni"  # the kernels AMX does not cover
+        self.isa = isa
         _, self.nl, self.mr, self.nt = ISA_PARAMS[self.isa]
         self.kg = KGROUP.get(self.isa, 2)
 
@@ -545,6 +554,8 @@ class CpuKernels:
         """[M, K] int8 (or int16) x constant [K, N] int8 (+ bias) -> [M, N] int32, or Requantize
         of it when `rq` = (b, c, lo, hi, dtype) (ints, or int32 arrays per column) is folded in."""
         isa = isa or self.isa
+        if self.amx and isa == self.isa and str(x2d.ty.dtype) in ("int8", "uint8"):
+            return self._gemm_amx(ctx, x2d, w_kn, bias, rq)
         _, nl, mr, nt = ISA_PARAMS[isa]
         kg = KGROUP.get(isa, 2)
         k, n = w_kn.shape
@@ -574,12 +585,67 @@ class CpuKernels:
             primfunc_attrs=self._attrs("dense", isa),
         )
 
+    def _gemm_amx(self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias, rq) -> relax.Expr:
+        """The AMX form of _gemm (s8 or u8 left operand; no sign-flip compensation needed)."""
+        m, k = (int(d) for d in x2d.ty.shape)
+        n = w_kn.shape[1]
+        per_channel = rq is not None and isinstance(rq[0], np.ndarray)
+        b64 = (bias if bias is not None else np.zeros(n)).astype(np.int64).reshape(n)
+        args = [x2d, relax.const(cpu_amx.pack_weight_amx(w_kn.astype(np.int8)))]
+        args.append(relax.const(b64.astype(np.int32)))
+        if per_channel:
+            args += [relax.const(np.asarray(v, np.int32)) for v in rq[:2]]
+        name = "int8_dense_amx" + ("_rq" if rq is not None else "") + ("_pc" if per_channel else "")
+        func = cpu_amx.gemm_amx_func(
+            1,
+            m,
+            k,
+            n,
+            str(x2d.ty.dtype),
+            packed_b=True,
+            bias=True,
+            rq=rq,
+            per_channel=per_channel,
+            name=name,
+            emulate=self.amx == "emulate",
+        )
+        return self._call_amx(ctx, func, name, args, (m, n), rq)
+
+    def _bmm_amx(self, ctx, a3: relax.Expr, b3: relax.Expr, rq) -> relax.Expr:
+        """[G, M, K] (s8 / u8) x [G, K, N] s8 on AMX, B packed per call inside the kernel."""
+        g, m, k = (int(d) for d in a3.ty.shape)
+        n = int(b3.ty.shape[2])
+        a2 = ctx.bb.emit(relax.op.reshape(a3, (g * m, k)))
+        name = "int8_bmm_amx" + ("_rq" if rq is not None else "")
+        func = cpu_amx.gemm_amx_func(
+            g,
+            m,
+            k,
+            n,
+            str(a3.ty.dtype),
+            packed_b=False,
+            bias=False,
+            rq=rq,
+            name=name,
+            emulate=self.amx == "emulate",
+        )
+        y = self._call_amx(ctx, func, name, [a2, b3], (g * m, n), rq)
+        return ctx.bb.emit(relax.op.reshape(y, (g, m, n)))
+
+    @staticmethod
+    def _call_amx(ctx, func: tirx.PrimFunc, name: str, args: list, shape, rq) -> relax.Expr:
+        gv = ctx.bb.add_func(func, name)
+        out = relax.TensorType(shape, "int32" if rq is None else rq[4])
+        return ctx.bb.emit(relax.call_tir(gv, relax.Tuple(args), out))
+
     def dense(self, ctx, node) -> relax.Expr:
         a_shape = ctx.shapes[node.input[0]]
         w = ctx.const(node.input[1])
         bias = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         a = ctx.value(node.input[0])
         isa = {"int8": self.isa, "int16": self._int16_isa()}.get(ctx.dtypes[node.input[0]])
+        if self.amx and ctx.dtypes[node.input[0]] == "uint8":
+            isa = self.isa  # tdpbusd: u8 x s8
         if isa is None or w.ndim != 2:
             return _plain_matmul(ctx, node)
         rows = int(np.prod(a_shape[:-1]))
@@ -611,6 +677,17 @@ class CpuKernels:
         rq_node, rq = ctx.epilogue_requant(node)
         if rq is not None and isinstance(rq[0], np.ndarray):
             rq_node, rq = None, None  # per-column requantization after a bmm: not folded
+        if (
+            self.amx
+            and ctx.dtypes[node.input[0]] in ("int8", "uint8")
+            and (ctx.dtypes[node.input[1]] == "int8")
+        ):
+            out = ctx.bb.emit(
+                relax.op.reshape(self._bmm_amx(ctx, a3, b3, rq), ctx.shapes[node.output[0]])
+            )
+            if rq_node is not None:
+                ctx.bind_folded(rq_node, out)
+            return out
         y = ctx.bb.emit_te(
             lambda x, y: bmm_te(
                 x, y, transpose_b=False, mr=self.mr, nl=self.nl, nt=self.nt, kg=kg, rq=rq

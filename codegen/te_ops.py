@@ -54,9 +54,10 @@ def _i64(x):
 
 def requant_expr(v, b, c, lo: int, hi: int, dtype: str, ch=None):
     """Requantize of one int expression `v` (fixedpoint.requantize_dyadic): `b`, `c` python ints,
-    or te.Tensors indexed by the channel index `ch`."""
-    bb = _i64(b[ch]) if isinstance(b, te.Tensor) else tirx.const(int(b), "int64")
-    cc = _i64(c[ch]) if isinstance(c, te.Tensor) else tirx.const(int(c), "int64")
+    or te.Tensors / TIR buffers indexed by the channel index `ch`."""
+    indexed = (te.Tensor, tirx.Buffer)
+    bb = _i64(b[ch]) if isinstance(b, indexed) else tirx.const(int(b), "int64")
+    cc = _i64(c[ch]) if isinstance(c, indexed) else tirx.const(int(c), "int64")
     return fp.requantize_dyadic(_i64(v), bb, cc, lo, hi, TE).astype(dtype)
 
 

@@ -1,0 +1,308 @@
+"""cpu-int8 GEMM kernels on Intel AMX-INT8 (Sapphire Rapids and later).
+
+One AMX instruction, ``tdpbssd`` (s8 x s8) or ``tdpbusd`` (u8 x s8), computes
+C[16, 16] int32 += A[16, 64] . B[64, 16] with exact int32 sums (no saturation), B held in the
+VNNI layout B[16 k-quads][16 columns][4] (row kq of the tile = 64 bytes: column j's four k).
+
+Kernel (`gemm_amx_func`): y[g, i, j] = epilogue(sum_k A[g, i, k] B[g, k, j] + bias[j]), the
+epilogue being the Requantize folded in (`fixedpoint.requantize_dyadic`, the reference's own
+formula) or none. B is a constant packed at compile time (`pack_weight_amx`: dense layers, one
+B for every g) or a tensor packed per call inside the kernel (batched matmul).
+
+Register use (one configuration, every tile 16 rows x 64 bytes): C tiles 0-3 hold a 32 x 32
+output block, A tiles 4-5 its two 16-row slices, B tiles 6-7 its two 16-column slices; per
+64-deep k-step two A loads, two B loads and four tile multiplies. Each parallel task owns one
+32-row block of one g and a chunk of 32-column blocks; it loads the tile configuration, and
+per output block zeroes C, runs the k loop, stores C to a [32, 32] int32 buffer and applies
+the epilogue while writing y.
+
+Padding without copies: A is read in place, rows of 64 bytes at stride K. A k-step past K
+reads the next row's bytes and a row past M the next rows: both meet zero rows of the packed
+B (B is zero for k >= K) or land in output rows that are never written, so they cannot change
+a result. Only a block whose reads would pass the end of A copies its rows to a zero-padded
+[32, Kp] buffer first.
+
+`emulate=True` builds the same kernel with each tile instruction replaced by TIR loops over a
+tile register file in memory (same addresses, same arithmetic): it runs on any CPU, so the
+kernel's indexing is tested bit for bit where there is no AMX. The process must be granted AMX
+state by the kernel before real tile instructions run (`compat.enable_amx`; Linux 5.16+).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.tirx.script.builder import ir as T
+
+from intq.codegen import te_ops
+
+TILE_ROWS = 16
+TILE_BYTES = 64  # bytes per tile row: 64 int8 along K, or 16 int32 along N
+BLOCK = 32  # output block: 2 x 2 C tiles
+KSTEP = 64
+C_TILES, A_TILES, B_TILES = (0, 1, 2, 3), (4, 5), (6, 7)
+# C tile t = A tile (its row half) x B tile (its column half); its corner in the 32 x 32 block
+DOTS = ((0, 4, 6), (1, 4, 7), (2, 5, 6), (3, 5, 7))
+CORNERS = ((0, 0, 0), (1, 0, 16), (2, 16, 0), (3, 16, 16))
+
+
+def _ceil(a: int, b: int) -> int:
+    return (a + b - 1) // b * b
+
+
+def pack_weight_amx(w_kn: np.ndarray) -> np.ndarray:
+    """int8 W[K, N] -> Wp[Np/16, Kp/4, 16, 4], Kp = K rounded up to 64, Np to 32, zero padded:
+    Wp[nb, kq, j, q] = W[4 kq + q, 16 nb + j]."""
+    k, n = w_kn.shape
+    kp, np_ = _ceil(k, KSTEP), _ceil(n, BLOCK)
+    wpad = np.zeros((kp, np_), np.int8)
+    wpad[:k, :n] = w_kn
+    return np.ascontiguousarray(wpad.reshape(kp // 4, 4, np_ // 16, 16).transpose(2, 0, 3, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile instructions: real (LLVM's AMX intrinsics) or emulated (TIR loops, any CPU)
+# ----------------------------------------------------------------------------------------------
+
+
+class _Tiles:
+    """Emits the tile instructions the kernel uses. Memory operands are (flat 1-D buffer,
+    element offset, row stride in elements), rows of 64 bytes."""
+
+    def __init__(self, a_dtype: str, emulate: bool) -> None:
+        self.a_dtype, self.emulate = a_dtype, emulate
+        self.mul = "tdpbssd" if a_dtype == "int8" else "tdpbusd"
+
+    @staticmethod
+    def _intrin(name: str, *args) -> None:
+        T.evaluate(T.call_llvm_intrin("void", "llvm.x86." + name, *args))
+
+    def configure(self) -> None:
+        """Per task: ldtilecfg of palette 1, tiles 0-7 all 16 rows x 64 bytes (the 64-byte
+        layout: byte 0 palette, bytes 16 + 2t the row width of tile t (u16), byte 48 + t its
+        row count); emulated: the register file instead."""
+        if self.emulate:
+            self.c_reg = T.alloc_buffer((4, TILE_ROWS, 16), "int32")
+            self.a_reg = T.alloc_buffer((2, TILE_ROWS, TILE_BYTES), self.a_dtype)
+            self.b_reg = T.alloc_buffer((2, TILE_ROWS, TILE_BYTES), "int8")
+            return
+        cfg = T.alloc_buffer((64,), "uint8", align=64)
+        with T.vectorized(0, 64) as i:
+            T.buffer_store(cfg, T.uint8(0), [i])
+        T.buffer_store(cfg, T.uint8(1), [0])
+        for t in C_TILES + A_TILES + B_TILES:
+            T.buffer_store(cfg, T.uint8(TILE_BYTES), [16 + 2 * t])
+            T.buffer_store(cfg, T.uint8(TILE_ROWS), [48 + t])
+        self._intrin("ldtilecfg", T.address_of(cfg[0]))
+
+    def release(self) -> None:
+        if not self.emulate:
+            self._intrin("tilerelease")
+
+    def zero(self, t: int) -> None:
+        if not self.emulate:
+            self._intrin("tilezero", T.int8(t))
+            return
+        with T.serial(0, TILE_ROWS) as r:
+            with T.vectorized(0, 16) as j:
+                T.buffer_store(self.c_reg, T.int32(0), [t, r, j])
+
+    def load(self, t: int, flat, offset, stride) -> None:
+        if not self.emulate:
+            self._intrin("tileloadd64", T.int8(t), T.address_of(flat[offset]), T.int64(stride))
+            return
+        reg, i = (self.a_reg, t - A_TILES[0]) if t in A_TILES else (self.b_reg, t - B_TILES[0])
+        with T.serial(0, TILE_ROWS) as r:
+            with T.serial(0, TILE_BYTES) as c:
+                T.buffer_store(reg, flat[offset + r * stride + c], [i, r, c])
+
+    def dot(self, c: int, a: int, b: int) -> None:
+        """C tile c += A tile a . B tile b."""
+        if not self.emulate:
+            self._intrin(self.mul, T.int8(c), T.int8(a), T.int8(b))
+            return
+        ai, bi = a - A_TILES[0], b - B_TILES[0]
+        with T.serial(0, TILE_ROWS) as r:
+            with T.serial(0, 16) as j:
+                with T.serial(0, TILE_BYTES) as q:
+                    prod = self.a_reg[ai, r, q].astype("int32") * self.b_reg[
+                        bi, q // 4, j * 4 + q % 4
+                    ].astype("int32")
+                    T.buffer_store(self.c_reg, self.c_reg[c, r, j] + prod, [c, r, j])
+
+    def store(self, t: int, flat, offset, stride) -> None:
+        if not self.emulate:
+            self._intrin("tilestored64", T.int8(t), T.address_of(flat[offset]), T.int64(stride * 4))
+            return
+        with T.serial(0, TILE_ROWS) as r:
+            with T.serial(0, 16) as j:
+                T.buffer_store(flat, self.c_reg[t, r, j], [offset + r * stride + j])
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------------
+
+
+def _task_split(tasks_per_column_block: int, nblocks: int) -> int:
+    """32-column blocks per parallel task: the most (<= 4, dividing the count) that still leaves
+    at least 8 tasks, so that 2+ threads share the work evenly."""
+    for per in (4, 2):
+        if nblocks % per == 0 and tasks_per_column_block * nblocks // per >= 8:
+            return per
+    return 1
+
+
+def _flat(buf, size: int):
+    """A 1-D view of `buf` (same data)."""
+    return T.decl_buffer((size,), buf.dtype, data=buf.data)
+
+
+def gemm_amx_func(
+    g: int,
+    m: int,
+    k: int,
+    n: int,
+    a_dtype: str,
+    *,
+    packed_b: bool,
+    bias: bool,
+    rq=None,
+    per_channel: bool = False,
+    name: str = "int8_gemm_amx",
+    emulate: bool = False,
+) -> tirx.PrimFunc:
+    """PrimFunc y[G*M, N] = epilogue(A[G*M, K] @ B + bias), per g.
+
+    Parameters in order: a (a_dtype int8 / uint8, rows g*M + i); b: packed_b -> Wp
+    (pack_weight_amx, shared by every g), else int8 B[G, K, N]; bias int32[N] if `bias`;
+    rq_b, rq_c int32[N] if `per_channel`; y. rq = (b, c, lo, hi, dtype) or None (int32 out).
+    """
+    kp, np_ = _ceil(k, KSTEP), _ceil(n, BLOCK)
+    mblocks, nblocks = _ceil(m, BLOCK) // BLOCK, np_ // BLOCK
+    per = _task_split(g * mblocks, nblocks)
+    nchunks = nblocks // per
+    out_dtype = "int32" if rq is None else rq[4]
+    tiles = _Tiles(a_dtype, emulate)
+    bp_shape = (np_ // 16, kp // 4, 16, 4) if packed_b else (g, np_ // 16, kp // 4, 16, 4)
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_name(name)
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            a = T.arg("a", T.buffer((g * m, k), a_dtype))
+            b = T.arg("b", T.buffer(bp_shape if packed_b else (g, k, n), "int8"))
+            bias_t = T.arg("bias", T.buffer((n,), "int32")) if bias else None
+            pc = (
+                (T.arg("rq_b", T.buffer((n,), "int32")), T.arg("rq_c", T.buffer((n,), "int32")))
+                if per_channel
+                else None
+            )
+            y = T.arg("y", T.buffer((g * m, n), out_dtype))
+            if packed_b:
+                bp = b
+            else:
+                bp = T.alloc_buffer(bp_shape, "int8", align=64)
+                _pack_b(bp, b, g, k, n, kp, np_)
+            a_flat = _flat(a, g * m * k)
+            bp_flat = _flat(bp, int(np.prod(bp_shape)))
+            b_stride_g = 0 if packed_b else np_ * kp  # bytes of one g's packed B
+            with T.parallel(0, g * nchunks * mblocks) as task:
+                gg = task // (nchunks * mblocks)
+                nc = task // mblocks % nchunks
+                mb = task % mblocks
+                row0 = gg * m + mb * BLOCK  # first row of the block in a / y
+                tiles.configure()
+                cbuf = T.alloc_buffer((BLOCK, BLOCK), "int32", align=64)
+                c_flat = _flat(cbuf, BLOCK * BLOCK)
+
+                def blocks(src, src_row0, stride: int) -> None:
+                    """The task's output blocks; A rows from src at src_row0 (row stride)."""
+                    with T.serial(0, per) as nbi:
+                        nb = nc * per + nbi
+                        for t in C_TILES:
+                            tiles.zero(t)
+                        with T.serial(0, kp // KSTEP) as kb:
+                            for half in (0, 1):
+                                off = (src_row0 + half * TILE_ROWS) * stride + kb * KSTEP
+                                tiles.load(A_TILES[half], src, off, stride)
+                                boff = (
+                                    gg * b_stride_g
+                                    + ((nb * 2 + half) * (kp // 4) + kb * TILE_ROWS) * 64
+                                )
+                                tiles.load(B_TILES[half], bp_flat, boff, TILE_BYTES)
+                            for c, at, bt in DOTS:
+                                tiles.dot(c, at, bt)
+                        for t, r, c in CORNERS:
+                            tiles.store(t, c_flat, r * BLOCK + c, BLOCK)
+                        with T.serial(0, tirx.min(BLOCK, m - mb * BLOCK)) as r:
+                            _epilogue_row(y, cbuf, bias_t, r, row0 + r, nb * BLOCK, n, rq, pc)
+
+                # the block's last byte read: row row0 + 31, k-steps up to kp
+                in_bounds = (row0 + BLOCK - 1) * k + kp <= g * m * k
+                with T.If(in_bounds):
+                    with T.Then():
+                        blocks(a_flat, row0, k)
+                    with T.Else():
+                        panel = T.alloc_buffer((BLOCK, kp), a_dtype, align=64)
+                        with T.serial(0, BLOCK) as r:
+                            _padded_row(panel, a, r, row0 + r, gg * m + m, k, kp, a_dtype)
+                        blocks(_flat(panel, BLOCK * kp), 0, kp)
+                tiles.release()
+    return ib.get()
+
+
+def _pack_b(bp, b, g: int, k: int, n: int, kp: int, np_: int) -> None:
+    """bp[g, nb, kq, j, q] = B[g, 4 kq + q, 16 nb + j], zero where k >= K or the column >= N
+    (zero k-rows are what make the in-place A reads safe)."""
+    zero = tirx.const(0, "int8")
+    with T.parallel(0, g * (np_ // 16)) as t:
+        gg, nb = t // (np_ // 16), t % (np_ // 16)
+        with T.serial(0, kp // 4) as kq:
+            with T.serial(0, 4) as q:
+                kk = kq * 4 + q
+                with T.vectorized(0, 16) as j:
+                    col = nb * 16 + j
+                    ok = tirx.all(kk < k, col < n)
+                    v = b[gg, tirx.min(kk, k - 1), tirx.min(col, n - 1)]
+                    T.buffer_store(bp, tirx.if_then_else(ok, v, zero), [gg, nb, kq, j, q])
+
+
+def _padded_row(dst, a, r, src, end, k: int, kp: int, dtype: str) -> None:
+    """dst[r, :] = a[src, :] zero padded to kp columns; zeros when src >= end."""
+    zero = tirx.const(0, dtype)
+    with T.If(src < end):
+        with T.Then():
+            with T.serial(0, k // 16) as ko:
+                with T.vectorized(0, 16) as ki:
+                    T.buffer_store(dst, a[src, ko * 16 + ki], [r, ko * 16 + ki])
+            with T.serial(k // 16 * 16, kp) as kk:
+                T.buffer_store(dst, tirx.if_then_else(kk < k, a[src, kk], zero), [r, kk])
+        with T.Else():
+            with T.serial(0, kp // 16) as ko:
+                with T.vectorized(0, 16) as ki:
+                    T.buffer_store(dst, zero, [r, ko * 16 + ki])
+
+
+def _epilogue_row(y, cbuf, bias, r, row, col0, n: int, rq, pc) -> None:
+    """y[row, col0:col0+32] = epilogue(cbuf[r, :] + bias): vectorized when the 32 columns lie
+    inside N (always when N % 32 == 0), else a per-column guard."""
+
+    def value(j):
+        col = col0 + j
+        v = cbuf[r, j] + bias[col] if bias is not None else cbuf[r, j]
+        if rq is None:
+            return v
+        b, c, lo, hi, dt = rq
+        if pc is not None:
+            b, c = pc
+        return te_ops.requant_expr(v, b, c, lo, hi, dt, ch=col)
+
+    if n % BLOCK == 0:
+        with T.vectorized(0, BLOCK) as j:
+            T.buffer_store(y, value(j), [row, col0 + j])
+    else:
+        with T.serial(0, BLOCK) as j:
+            with T.If(col0 + j < n):
+                with T.Then():
+                    T.buffer_store(y, value(j), [row, col0 + j])

@@ -1,0 +1,216 @@
+"""The AMX-INT8 dense GEMM of cpu-int8 (codegen/cpu_amx.py).
+
+Everywhere: the ISA choice, the AMX weight layout (in numpy, against a plain int64 matmul), and
+that every case builds for a Sapphire Rapids target with tile multiplies in the code. On a host
+with amx_int8 the built kernels also run and must equal the reference interpreter bit for bit.
+Elsewhere that part runs on the device Xeon: `python tests/test_cpu_amx.py --prepare DIR` here,
+`python benchmarks/run_cases.py DIR` there (runtime only; docs/PERFORMANCE.md).
+
+The cases cover the kernel's paths: full 32-row blocks read in place, a partial last block
+(padded copy), K % 64 != 0 (everything copied), N % 32 != 0 (guarded epilogue), a uint8 left
+operand (tdpbusd), per-tensor and per-channel Requantize folded in, and an im2col convolution.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from intq.codegen import compat
+from intq.codegen.cpu import CpuKernels, pick_isa
+from intq.codegen.cpu_amx import pack_weight_amx
+from intq.ir import INTQ_DOMAIN
+from intq.ops import fixedpoint as fp
+from intq.ops import make_node
+from intq.reference import ReferenceInterpreter, infer_integer_shapes
+
+AMX_TARGET = compat.cpu_target(mcpu="sapphirerapids", num_cores=2)
+HOST_TARGET = compat.cpu_target()
+ONNX_DT = {
+    np.dtype("int8"): TensorProto.INT8,
+    np.dtype("uint8"): TensorProto.UINT8,
+    np.dtype("int32"): TensorProto.INT32,
+}
+
+
+def host_has_amx() -> bool:
+    return {"amx_int8", "amx_tile"} <= compat.host_cpu_flags()
+
+
+def _ri(rng, lo, hi, shape, dt):
+    return rng.integers(lo, hi, shape, endpoint=True).astype(dt)
+
+
+def _mult(values):
+    bc = [fp.quantize_multiplier(float(v)) for v in values]
+    return np.array([b for b, _ in bc], np.int32), np.array([c for _, c in bc], np.int32)
+
+
+def _dense(m, k, n, adt=np.int8, rq=None):
+    """IntMatMul x[2, m, k] @ W[k, n] + bias, then Requantize when rq = "tensor" / "channel"."""
+
+    def make(rng):
+        lo, hi = (-128, 127) if adt == np.int8 else (0, 255)
+        nodes = [make_node("IntMatMul", ["a", "w", "bias"], ["acc"], "mm")]
+        consts = {
+            "w": _ri(rng, -128, 127, (k, n), np.int8),
+            "bias": _ri(rng, -(2**20), 2**20, n, np.int32),
+        }
+        if rq is not None:
+            scales = rng.uniform(1e-5, 2e-3, n if rq == "channel" else 1)
+            consts["b"], consts["c"] = _mult(scales)
+            if rq == "tensor":
+                consts["b"], consts["c"] = consts["b"].reshape(()), consts["c"].reshape(())
+            nodes.append(
+                make_node(
+                    "Requantize", ["acc", "b", "c"], ["y"], "rq", to=TensorProto.INT8, axis=-1
+                )
+            )
+        return nodes, {"a": _ri(rng, lo, hi, (2, m, k), adt)}, consts
+
+    return make
+
+
+def _bmm(g, m, k, n, adt=np.int8, rq=False):
+    """IntMatMul a[2, g, m, k] @ b[2, g, k, n] (per-tensor Requantize folded in when rq)."""
+
+    def make(rng):
+        lo, hi = (-128, 127) if adt == np.int8 else (0, 255)
+        nodes = [make_node("IntMatMul", ["a", "bm"], ["acc"], "bmm")]
+        consts = {}
+        if rq:
+            consts["b"], consts["c"] = (v.reshape(()) for v in _mult([0.0123]))
+            nodes.append(
+                make_node("Requantize", ["acc", "b", "c"], ["y"], "rq", to=TensorProto.INT8)
+            )
+        feeds = {
+            "a": _ri(rng, lo, hi, (2, g, m, k), adt),
+            "bm": _ri(rng, -128, 127, (2, g, k, n), np.int8),
+        }
+        return nodes, feeds, consts
+
+    return make
+
+
+def _conv(rng):
+    nodes = [make_node("IntConv", ["x", "w", "bias"], ["y"], "conv", pads=[1, 1, 1, 1])]
+    consts = {
+        "w": _ri(rng, -128, 127, (24, 3, 3, 3), np.int8),
+        "bias": _ri(rng, -(2**16), 2**16, 24, np.int32),
+    }
+    return nodes, {"x": _ri(rng, -128, 127, (2, 3, 11, 13), np.int8)}, consts
+
+
+CASES = {
+    "full_blocks": _dense(32, 128, 64),  # M = 2 * 32 rows: in place, no padding
+    "tail_rows_per_channel": _dense(197, 384, 96, rq="channel"),  # DeiT's rows
+    "pad_k_and_n": _dense(13, 37, 40),  # K % 64, N % 32 != 0
+    "u8_per_tensor_wide_n": _dense(25, 64, 1000, adt=np.uint8, rq="tensor"),
+    "deep_k": _dense(40, 1536, 64, rq="channel"),
+    "conv_im2col": _conv,
+    "bmm_qk": _bmm(3, 197, 64, 197, rq=True),  # attention's Q K^T (DeiT shapes)
+    "bmm_pv_u8": _bmm(3, 197, 197, 64, adt=np.uint8),  # P V: K % 64 != 0, u8 x s8
+    "bmm_small": _bmm(2, 5, 7, 9),  # every block past the end of A: the padded panel
+}
+
+
+def build_case(name: str, seed: int = 7):
+    """(integer ONNX model, feeds, output name) of one case."""
+    nodes, feeds, consts = CASES[name](np.random.default_rng(seed))
+    out = nodes[-1].output[0]
+    g = helper.make_graph(
+        nodes,
+        name,
+        [
+            helper.make_tensor_value_info(k, ONNX_DT[v.dtype], list(v.shape))
+            for k, v in feeds.items()
+        ],
+        [helper.make_tensor_value_info(out, TensorProto.INT32, None)],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()],
+    )
+    model = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(INTQ_DOMAIN, 1)]
+    )
+    infer_integer_shapes(model, feeds)
+    onnx.checker.check_model(model)
+    return model, feeds, out
+
+
+def compile_case(name: str, emulate: bool = False):
+    """(executable built for AMX_TARGET, or with emulate=True for this host with the tile
+    instructions emulated, feeds, reference output, assembly)."""
+    from intq.codegen.lower import to_relax
+
+    model, feeds, out = build_case(name)
+    target = HOST_TARGET if emulate else AMX_TARGET
+    kernels = CpuKernels(target, amx="emulate" if emulate else None)
+    mod = kernels.schedule(to_relax(model, kernels))
+    assert not compat.find_float_in_tir(compat.lower(mod, target))
+    ex = compat.build(mod, target)
+    asm = "".join(im.inspect_source("asm") for im in ex.mod.imports)
+    return ex, feeds, ReferenceInterpreter(model).run(feeds)[out], asm
+
+
+def test_pick_isa_amx():
+    assert pick_isa(AMX_TARGET) == "amx"
+    assert pick_isa(compat.cpu_target(mcpu="cascadelake")) == "avx512vnni"
+    k = CpuKernels(AMX_TARGET)
+    assert k.amx and k.isa == "avx512vnni"  # batched matmuls keep the VNNI kernel
+
+
+@pytest.mark.parametrize("k,n", [(37, 40), (64, 32), (150, 1000)])
+def test_amx_weight_layout(k, n):
+    """Wp[nb, kq, j, q] = W[4 kq + q, 16 nb + j]: the 16 x 64 B tiles multiply back to x @ W."""
+    rng = np.random.default_rng(1)
+    w = _ri(rng, -128, 127, (k, n), np.int8)
+    x = _ri(rng, -128, 127, (5, k), np.int8)
+    wp = pack_weight_amx(w)
+    nb, kq, lanes, quad = wp.shape
+    assert (lanes, quad) == (16, 4) and kq * 4 % 64 == 0 and nb * 16 % 32 == 0
+    w_back = wp.transpose(1, 3, 0, 2).reshape(kq * 4, nb * 16)
+    xp = np.zeros((5, kq * 4), np.int64)
+    xp[:, :k] = x
+    np.testing.assert_array_equal((xp @ w_back)[:, :n], x.astype(np.int64) @ w)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_amx_kernels_build_and_match_reference_on_amx_hosts(case):
+    ex, feeds, want, asm = compile_case(case)
+    mul = "tdpbusd" if "u8" in case else "tdpbssd"
+    assert mul in asm and "ldtilecfg" in asm and "tilerelease" in asm
+    if not host_has_amx():
+        pytest.skip("built for sapphirerapids; this host has no amx_int8 to run it")
+    vm = compat.virtual_machine(ex)
+    got = compat.to_numpy(vm["main"](*[compat.to_device_tensor(v) for v in feeds.values()]))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_amx_kernels_emulated_match_reference(case):
+    """The same kernels with tile instructions emulated in TIR (same addresses and padding
+    rules) run on any host and must equal the reference bit for bit."""
+    ex, feeds, want, asm = compile_case(case, emulate=True)
+    assert "tdpbssd" not in asm and "tdpbusd" not in asm
+    vm = compat.virtual_machine(ex)
+    got = compat.to_numpy(vm["main"](*[compat.to_device_tensor(v) for v in feeds.values()]))
+    np.testing.assert_array_equal(got, want)
+
+
+def _prepare(folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for name in CASES:
+        ex, feeds, want, _ = compile_case(name)
+        compat.export_library(ex, os.path.join(folder, f"{name}.so"))
+        np.savez(os.path.join(folder, f"{name}.npz"), want=want, **feeds)
+        print("prepared", name)
+
+
+if __name__ == "__main__":  # --prepare DIR; benchmarks/run_cases.py DIR runs them
+    if sys.argv[1:2] != ["--prepare"] or len(sys.argv) != 3:
+        sys.exit("usage: python tests/test_cpu_amx.py --prepare DIR")
+    _prepare(sys.argv[2])
