@@ -254,18 +254,31 @@ def gemm_amx_func(
 
 def _pack_b(bp, b, g: int, k: int, n: int, kp: int, np_: int) -> None:
     """bp[g, nb, kq, j, q] = B[g, 4 kq + q, 16 nb + j], zero where k >= K or the column >= N
-    (zero k-rows are what make the in-place A reads safe)."""
+    (zero k-rows are what make the in-place A reads safe). Where the four k-rows and 16 columns
+    are all inside B: four 16-byte row loads interleaved by one shuffle into a 64-byte store;
+    else element by element."""
     zero = tirx.const(0, "int8")
-    with T.parallel(0, g * (np_ // 16)) as t:
-        gg, nb = t // (np_ // 16), t % (np_ // 16)
+    nbs = np_ // 16
+    b_flat, bp_flat = _flat(b, g * k * n), _flat(bp, g * nbs * kp * 16)
+    interleave = [q * 16 + j for j in range(16) for q in range(4)]
+    with T.parallel(0, g * nbs) as t:
+        gg, nb = t // nbs, t % nbs
         with T.serial(0, kp // 4) as kq:
-            with T.serial(0, 4) as q:
-                kk = kq * 4 + q
-                with T.vectorized(0, 16) as j:
-                    col = nb * 16 + j
-                    ok = tirx.all(kk < k, col < n)
-                    v = b[gg, tirx.min(kk, k - 1), tirx.min(col, n - 1)]
-                    T.buffer_store(bp, tirx.if_then_else(ok, v, zero), [gg, nb, kq, j, q])
+            out = ((gg * nbs + nb) * (kp // 4) + kq) * 64
+            with T.If(tirx.all(kq * 4 + 3 < k, nb * 16 + 16 <= n)):
+                with T.Then():
+                    rows = [
+                        b_flat[tirx.Ramp((gg * k + kq * 4 + q) * n + nb * 16, 1, 16)]
+                        for q in range(4)
+                    ]
+                    T.buffer_store(bp_flat, tirx.Shuffle(rows, interleave), [tirx.Ramp(out, 1, 64)])
+                with T.Else():
+                    with T.serial(0, 4) as q:
+                        with T.serial(0, 16) as j:
+                            kk, col = kq * 4 + q, nb * 16 + j
+                            v = b[gg, tirx.min(kk, k - 1), tirx.min(col, n - 1)]
+                            ok = tirx.all(kk < k, col < n)
+                            T.buffer_store(bp, tirx.if_then_else(ok, v, zero), [gg, nb, kq, j, q])
 
 
 def _padded_row(dst, a, r, src, end, k: int, kp: int, dtype: str) -> None:
@@ -285,11 +298,12 @@ def _padded_row(dst, a, r, src, end, k: int, kp: int, dtype: str) -> None:
 
 
 def _epilogue_row(y, cbuf, bias, r, row, col0, n: int, rq, pc) -> None:
-    """y[row, col0:col0+32] = epilogue(cbuf[r, :] + bias): vectorized when the 32 columns lie
-    inside N (always when N % 32 == 0), else a per-column guard."""
+    """y[row, col0:col0+32] = epilogue(cbuf[r, :] + bias), vectorized. A block reaching past N
+    computes its 32 values into a small buffer (channel indices clamped) and copies the ones
+    inside N."""
 
-    def value(j):
-        col = col0 + j
+    def value(j, clamp: bool):
+        col = tirx.min(col0 + j, n - 1) if clamp else col0 + j
         v = cbuf[r, j] + bias[col] if bias is not None else cbuf[r, j]
         if rq is None:
             return v
@@ -298,11 +312,19 @@ def _epilogue_row(y, cbuf, bias, r, row, col0, n: int, rq, pc) -> None:
             b, c = pc
         return te_ops.requant_expr(v, b, c, lo, hi, dt, ch=col)
 
-    if n % BLOCK == 0:
+    def direct() -> None:
         with T.vectorized(0, BLOCK) as j:
-            T.buffer_store(y, value(j), [row, col0 + j])
-    else:
-        with T.serial(0, BLOCK) as j:
-            with T.If(col0 + j < n):
-                with T.Then():
-                    T.buffer_store(y, value(j), [row, col0 + j])
+            T.buffer_store(y, value(j, False), [row, col0 + j])
+
+    if n % BLOCK == 0:
+        direct()
+        return
+    with T.If(col0 + BLOCK <= n):
+        with T.Then():
+            direct()
+        with T.Else():
+            ebuf = T.alloc_buffer((BLOCK,), y.dtype, align=64)
+            with T.vectorized(0, BLOCK) as j:
+                T.buffer_store(ebuf, value(j, True), [j])
+            with T.serial(0, n - col0) as j:
+                T.buffer_store(y, ebuf[j], [row, col0 + j])
