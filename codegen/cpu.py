@@ -592,7 +592,9 @@ class CpuKernels:
         per_channel = rq is not None and isinstance(rq[0], np.ndarray)
         b64 = (bias if bias is not None else np.zeros(n)).astype(np.int64).reshape(n)
         args = [x2d, relax.const(cpu_amx.pack_weight_amx(w_kn.astype(np.int8)))]
-        args.append(relax.const(b64.astype(np.int32)))
+        bias_pad = np.zeros(-(-n // cpu_amx.BLOCK) * cpu_amx.BLOCK, np.int32)  # C starts from it
+        bias_pad[:n] = b64
+        args.append(relax.const(bias_pad))
         if per_channel:
             args += [relax.const(np.asarray(v, np.int32)) for v in rq[:2]]
         name = "int8_dense_amx" + ("_rq" if rq is not None else "") + ("_pc" if per_channel else "")

@@ -109,8 +109,17 @@ class _Tiles:
                 T.buffer_store(self.c_reg, T.int32(0), [t, r, j])
 
     def load(self, t: int, flat, offset, stride) -> None:
+        """Tile t = 16 rows of 64 bytes from flat[offset + r * stride] (stride in elements of
+        flat: bytes for A / B tiles, int32 for C tiles; 0 repeats one row)."""
         if not self.emulate:
-            self._intrin("tileloadd64", T.int8(t), T.address_of(flat[offset]), T.int64(stride))
+            nbytes = 4 if t in C_TILES else 1
+            ptr = T.address_of(flat[offset])
+            self._intrin("tileloadd64", T.int8(t), ptr, T.int64(stride * nbytes))
+            return
+        if t in C_TILES:
+            with T.serial(0, TILE_ROWS) as r:
+                with T.serial(0, 16) as j:
+                    T.buffer_store(self.c_reg, flat[offset + r * stride + j], [t, r, j])
             return
         reg, i = (self.a_reg, t - A_TILES[0]) if t in A_TILES else (self.b_reg, t - B_TILES[0])
         with T.serial(0, TILE_ROWS) as r:
@@ -176,7 +185,8 @@ def gemm_amx_func(
     """PrimFunc y[G*M, N] = epilogue(A[G*M, K] @ B + bias), per g.
 
     Parameters in order: a (a_dtype int8 / uint8, rows g*M + i); b: packed_b -> Wp
-    (pack_weight_amx, shared by every g), else int8 B[G, K, N]; bias int32[N] if `bias`;
+    (pack_weight_amx, shared by every g), else int8 B[G, K, N]; bias int32[Np] (N rounded up
+    to 32, zero padded: C tiles start from it) if `bias`;
     rq_b, rq_c int32[N] if `per_channel`; y. rq = (b, c, lo, hi, dtype) or None (int32 out).
     """
     kp, np_ = _ceil(k, KSTEP), _ceil(n, BLOCK)
@@ -192,7 +202,7 @@ def gemm_amx_func(
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             a = T.arg("a", T.buffer((g * m, k), a_dtype))
             b = T.arg("b", T.buffer(bp_shape if packed_b else (g, k, n), "int8"))
-            bias_t = T.arg("bias", T.buffer((n,), "int32")) if bias else None
+            bias_t = T.arg("bias", T.buffer((np_,), "int32")) if bias else None
             pc = (
                 (T.arg("rq_b", T.buffer((n,), "int32")), T.arg("rq_c", T.buffer((n,), "int32")))
                 if per_channel
@@ -220,23 +230,34 @@ def gemm_amx_func(
                     """The task's output blocks; A rows from src at src_row0 (row stride)."""
                     with T.serial(0, per) as nbi:
                         nb = nc * per + nbi
-                        for t in C_TILES:
-                            tiles.zero(t)
+                        for t, _, c in CORNERS:  # C = bias (one row repeated) or 0
+                            if bias_t is not None:
+                                tiles.load(t, bias_t, nb * BLOCK + c, 0)
+                            else:
+                                tiles.zero(t)
                         with T.serial(0, kp // KSTEP) as kb:
-                            for half in (0, 1):
+
+                            def a_tile(half, kb=kb):
                                 off = (src_row0 + half * TILE_ROWS) * stride + kb * KSTEP
                                 tiles.load(A_TILES[half], src, off, stride)
-                                boff = (
-                                    gg * b_stride_g
-                                    + ((nb * 2 + half) * (kp // 4) + kb * TILE_ROWS) * 64
-                                )
-                                tiles.load(B_TILES[half], bp_flat, boff, TILE_BYTES)
-                            for c, at, bt in DOTS:
-                                tiles.dot(c, at, bt)
+
+                            def b_tile(half, kb=kb):
+                                kq = (nb * 2 + half) * (kp // 4) + kb * TILE_ROWS
+                                tiles.load(B_TILES[half], bp_flat, gg * b_stride_g + kq * 64, 64)
+
+                            # loads interleaved with the multiplies that wait for them
+                            a_tile(0)
+                            b_tile(0)
+                            tiles.dot(*DOTS[0])
+                            b_tile(1)
+                            tiles.dot(*DOTS[1])
+                            a_tile(1)
+                            tiles.dot(*DOTS[2])
+                            tiles.dot(*DOTS[3])
                         for t, r, c in CORNERS:
                             tiles.store(t, c_flat, r * BLOCK + c, BLOCK)
                         with T.serial(0, tirx.min(BLOCK, m - mb * BLOCK)) as r:
-                            _epilogue_row(y, cbuf, bias_t, r, row0 + r, nb * BLOCK, n, rq, pc)
+                            _epilogue_row(y, cbuf, r, row0 + r, nb * BLOCK, n, rq, pc)
 
                 # the block's last byte read: row row0 + 31, k-steps up to kp
                 in_bounds = (row0 + BLOCK - 1) * k + kp <= g * m * k
@@ -297,14 +318,14 @@ def _padded_row(dst, a, r, src, end, k: int, kp: int, dtype: str) -> None:
                     T.buffer_store(dst, zero, [r, ko * 16 + ki])
 
 
-def _epilogue_row(y, cbuf, bias, r, row, col0, n: int, rq, pc) -> None:
-    """y[row, col0:col0+32] = epilogue(cbuf[r, :] + bias), vectorized. A block reaching past N
-    computes its 32 values into a small buffer (channel indices clamped) and copies the ones
-    inside N."""
+def _epilogue_row(y, cbuf, r, row, col0, n: int, rq, pc) -> None:
+    """y[row, col0:col0+32] = epilogue(cbuf[r, :]) (the bias is already in C), vectorized. A
+    block reaching past N computes its 32 values into a small buffer (channel indices clamped)
+    and copies the ones inside N."""
 
     def value(j, clamp: bool):
         col = tirx.min(col0 + j, n - 1) if clamp else col0 + j
-        v = cbuf[r, j] + bias[col] if bias is not None else cbuf[r, j]
+        v = cbuf[r, j]
         if rq is None:
             return v
         b, c, lo, hi, dt = rq
