@@ -29,31 +29,80 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-# name -> (module:function building the float torch model, input shape without batch).
-# Models of other families are added here (e.g. "minilm", "resnet18").
-MODELS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "deit_tiny": ("vit:deit_tiny", (3, 224, 224)),
-    "deit_small": ("vit:deit_small", (3, 224, 224)),
-    "vit_digits": ("vit:vit_digits", (1, 8, 8)),
+
+@dataclass(frozen=True)
+class Spec:
+    """A benchmarked model: `torch_model` / `compile_model` are "module:function" in
+    intq.models (else a module carried beside this script); `compile_model` is what --prepare
+    compiles (pretrained where a package ships weights), `torch_model` what --run times for
+    PyTorch (random weights do: speed does not depend on them). `inputs(batch)` gives the
+    example inputs and calibration batches; `config` names a CompileConfig ("module:NAME")."""
+
+    torch_model: str
+    inputs: Callable[[int], tuple[list[np.ndarray], list[list[np.ndarray]]]]
+    compile_model: str = ""
+    config: str = ""
+
+
+def image_inputs(shape: tuple[int, ...]):
+    def make(batch: int):
+        rng = np.random.default_rng(1)
+        x, *cal = (rng.standard_normal((batch, *shape)).astype(np.float32) for _ in range(3))
+        return [x], [[c] for c in cal]
+
+    return make
+
+
+def text_inputs(batch: int):
+    """Token ids + attention mask of real text (numpy docstrings, padded to 128): example;
+    scikit-learn docstrings: calibration (the tokenizer is packaged with all-MiniLM-L6-v2)."""
+    from intq.models.minilm import Tokenizer
+    from intq.models.textdata import calibration_texts, numpy_doc_pairs
+
+    tok = Tokenizer()
+    ids, mask = tok([p[2] for p in numpy_doc_pairs()[:batch]])
+    cal_ids, cal_mask = tok(calibration_texts(8 * batch))
+    cal = [[cal_ids[i : i + batch], cal_mask[i : i + batch]] for i in range(0, 8 * batch, batch)]
+    return [ids, mask], cal
+
+
+MODELS: dict[str, Spec] = {
+    "deit_tiny": Spec("vit:deit_tiny", image_inputs((3, 224, 224))),
+    "deit_small": Spec("vit:deit_small", image_inputs((3, 224, 224))),
+    "vit_digits": Spec("vit:vit_digits", image_inputs((1, 8, 8))),
+    "resnet18": Spec("resnet:resnet18", image_inputs((3, 224, 224))),
+    # all-MiniLM-L6-v2 at sequence 128 with its accuracy config (int16 linear inputs)
+    "minilm": Spec(
+        "minilm:minilm_l6_random", text_inputs, "minilm:minilm_l6", "minilm:MINILM_CONFIG"
+    ),
 }
 STRIP_MIN_ELEMENTS = 1024  # float initializers at least this large are stripped / refilled
 
 
-def make_torch_model(name: str):
+def _models_attr(ref: str):
+    """intq.models.<module>.<name>, or <module>.<name> carried beside this script (device)."""
     import importlib
 
-    import torch
-
-    mod_name, fn = MODELS[name][0].split(":")
+    mod_name, attr = ref.split(":")
     try:
         mod = importlib.import_module(f"intq.models.{mod_name}")
     except ImportError:  # device: the model file is carried next to this script
         mod = importlib.import_module(mod_name)
+    return getattr(mod, attr)
+
+
+def make_torch_model(name: str, for_compile: bool = False):
+    import torch
+
+    spec = MODELS[name]
     torch.manual_seed(0)
-    return getattr(mod, fn)().eval()
+    return _models_attr(
+        spec.compile_model if for_compile and spec.compile_model else spec.torch_model
+    )().eval()
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -93,8 +142,12 @@ def refill_weights(model, seed: int = 0):
     return model
 
 
-def ort_sessions(float_onnx, x: np.ndarray, threads: int, workdir: str) -> dict[str, Callable]:
-    """FP32, INT8 static (QDQ, per-channel, u8 activations) and INT8 dynamic sessions."""
+def ort_sessions(
+    float_onnx, xs: list[np.ndarray], threads: int, workdir: str
+) -> dict[str, Callable]:
+    """FP32, INT8 static (QDQ, per-channel, u8 activations) and INT8 dynamic sessions. Static
+    calibration: random normal data for float inputs, the example itself for integer ones (token
+    ids). A recipe that ORT cannot quantize is left out (its error printed)."""
     import onnx
     import onnxruntime as ort
     from onnxruntime.quantization import (
@@ -110,33 +163,43 @@ def ort_sessions(float_onnx, x: np.ndarray, threads: int, workdir: str) -> dict[
     so.inter_op_num_threads = 1
     fp32 = os.path.join(workdir, "fp32.onnx")
     onnx.save(float_onnx, fp32)
-    in_name = float_onnx.graph.input[0].name
+    names = [i.name for i in float_onnx.graph.input]
+    feed = dict(zip(names, xs, strict=True))
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             rng = np.random.default_rng(1)
-            self.batches = iter(
-                [{in_name: rng.standard_normal(x.shape).astype(np.float32)} for _ in range(2)]
-            )
+
+            def sample(x):
+                if x.dtype.kind == "f":
+                    return rng.standard_normal(x.shape).astype(np.float32)
+                return x
+
+            self.batches = iter([{k: sample(v) for k, v in feed.items()} for _ in range(2)])
 
         def get_next(self):
             return next(self.batches, None)
 
+    paths = {"ORT FP32": fp32}
     st = os.path.join(workdir, "int8_static.onnx")
-    quantize_static(
-        fp32,
-        st,
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
+    try:
+        quantize_static(
+            fp32,
+            st,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+        paths["ORT INT8 static"] = st
+    except Exception as e:  # noqa: BLE001 - report and go on with the other recipes
+        print(f"ORT INT8 static: quantize_static failed: {e!r}")
     dy = os.path.join(workdir, "int8_dynamic.onnx")
     quantize_dynamic(fp32, dy, weight_type=QuantType.QInt8)
-    feed = {in_name: x}
+    paths["ORT INT8 dynamic"] = dy
     out = {}
-    for label, path in (("ORT FP32", fp32), ("ORT INT8 static", st), ("ORT INT8 dynamic", dy)):
+    for label, path in paths.items():
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         out[label] = lambda s=sess: s.run(None, feed)
     return out
@@ -182,24 +245,24 @@ def peak_rss_mib(argv: list[str]) -> str:
 
 def rss_child(argv: list[str]) -> None:
     kind, path, xpath, threads = argv[0], argv[1], argv[2], int(argv[3])
-    x = np.load(xpath)
+    xs = load_inputs(xpath)
     if kind == "intq":
         from intq import runtime
 
-        runtime.load(path, threads=threads).run(x)
+        runtime.load(path, threads=threads).run(*xs)
     elif kind == "torch":
         import torch
 
         torch.set_num_threads(threads)
         with torch.inference_mode():
-            make_torch_model(path)(torch.from_numpy(x))
+            make_torch_model(path)(*[torch.from_numpy(x) for x in xs])
     else:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        sess.run(None, {sess.get_inputs()[0].name: x})
+        sess.run(None, {i.name: x for i, x in zip(sess.get_inputs(), xs, strict=True)})
     # VmHWM: the peak of this process's own address space (ru_maxrss can carry the parent's
     # peak over fork + exec)
     try:
@@ -214,29 +277,41 @@ def rss_child(argv: list[str]) -> None:
 
 
 def compile_case(name: str, batch: int, mcpu: str | None):
+    """(float model, example inputs, compiled model, compile seconds)."""
     import torch
 
     import intq
     from intq.config import CompileConfig
 
-    model = make_torch_model(name)
-    shape = MODELS[name][1]
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, *shape, generator=g)
-    cal = [torch.randn(batch, *shape, generator=g) for _ in range(2)]
+    spec = MODELS[name]
+    model = make_torch_model(name, for_compile=True)
+    xs, cal = spec.inputs(batch)
+    cfg = _models_attr(spec.config) if spec.config else CompileConfig()
+    tensors = lambda arrays: tuple(torch.from_numpy(a) for a in arrays)  # noqa: E731
+    example = tensors(xs) if len(xs) > 1 else tensors(xs)[0]
+    calibration = [tensors(c) if len(c) > 1 else tensors(c)[0] for c in cal]
     t = time.perf_counter()
-    lib = intq.compile(model, x, calibration=cal, config=CompileConfig(cpu_mcpu=mcpu))
-    return model, x.numpy(), lib, time.perf_counter() - t
+    lib = intq.compile(model, example, calibration=calibration, config=cfg.with_(cpu_mcpu=mcpu))
+    return model, xs, lib, time.perf_counter() - t
 
 
-def reference_output(lib, x: np.ndarray) -> np.ndarray:
+def reference_output(lib, xs: list[np.ndarray]) -> np.ndarray:
     from intq import boundary
     from intq.reference import ReferenceInterpreter
 
-    q = boundary.quantize_inputs(lib.signature.inputs, [x])
+    q = boundary.quantize_inputs(lib.signature.inputs, list(xs))
     feeds = {s.name: a for s, a in zip(lib.signature.inputs, q, strict=True)}
     outs = ReferenceInterpreter(lib.integer_onnx).run(feeds)
     return outs[lib.integer_onnx.graph.output[0].name]
+
+
+def save_inputs(path: str, xs: list[np.ndarray]) -> None:
+    np.savez(path, *xs)
+
+
+def load_inputs(path: str) -> list[np.ndarray]:
+    data = np.load(path)
+    return [data[f"arr_{i}"] for i in range(len(data.files))]
 
 
 def prepare(args) -> None:
@@ -246,11 +321,11 @@ def prepare(args) -> None:
     meta = {}
     for batch in args.batch:
         tag = f"{args.model}_b{batch}"
-        _, x, lib, compile_s = compile_case(args.model, batch, args.mcpu)
+        _, xs, lib, compile_s = compile_case(args.model, batch, args.mcpu)
         so = os.path.join(args.prepare, f"{tag}.so")
         lib.export(so)
-        np.save(os.path.join(args.prepare, f"{tag}_x.npy"), x)
-        np.save(os.path.join(args.prepare, f"{tag}_ref.npy"), reference_output(lib, x))
+        save_inputs(os.path.join(args.prepare, f"{tag}_x.npz"), xs)
+        np.save(os.path.join(args.prepare, f"{tag}_ref.npy"), reference_output(lib, xs))
         onnx.save(strip_weights(lib.float_onnx), os.path.join(args.prepare, f"{tag}.onnx"))
         if args.kernels:  # the kernel manifest benchmarks/kernels.py --run profiles this .so by
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -276,21 +351,21 @@ def prepare(args) -> None:
     os.replace(mpath + ".tmp", mpath)
 
 
-def run_case(tag, meta, x, intq_fn, ref, float_onnx, args, so_path) -> dict:
+def run_case(tag, meta, xs, intq_fn, ref, float_onnx, args, so_path) -> dict:
     import torch
 
     name = meta["model"]
     model = make_torch_model(name)
-    xt = torch.from_numpy(x)
+    xts = [torch.from_numpy(x) for x in xs]
     with tempfile.TemporaryDirectory() as wd:
-        ort_fns = ort_sessions(float_onnx, x, args.threads, wd)
+        ort_fns = ort_sessions(float_onnx, xs, args.threads, wd)
         contenders = {"intq": intq_fn, **ort_fns}
-        contenders["PyTorch FP32"] = lambda: torch.inference_mode()(model)(xt)
+        contenders["PyTorch FP32"] = lambda: torch.inference_mode()(model)(*xts)
         exact = ref is None or np.array_equal(intq_fn(), ref)
         med = interleave(contenders, args.rounds, args.inner)
         rss = {}
-        xp = os.path.join(wd, "x.npy")
-        np.save(xp, x)
+        xp = os.path.join(wd, "x.npz")
+        save_inputs(xp, xs)
         if not args.no_rss:
             rss["intq"] = peak_rss_mib(["intq", so_path, xp, str(args.threads)])
             for label, fname in (
@@ -298,7 +373,9 @@ def run_case(tag, meta, x, intq_fn, ref, float_onnx, args, so_path) -> dict:
                 ("ORT INT8 static", "int8_static.onnx"),
                 ("ORT INT8 dynamic", "int8_dynamic.onnx"),
             ):
-                rss[label] = peak_rss_mib(["ort", os.path.join(wd, fname), xp, str(args.threads)])
+                if label in ort_fns:
+                    path = os.path.join(wd, fname)
+                    rss[label] = peak_rss_mib(["ort", path, xp, str(args.threads)])
             rss["PyTorch FP32"] = peak_rss_mib(["torch", name, xp, str(args.threads)])
     title = (
         f"\n{tag}: {args.threads} threads, {args.rounds} rounds x {args.inner}; intq compile "
@@ -325,11 +402,12 @@ def run_prepared(args) -> None:
         if args.only and tag not in args.only:
             continue
         so = os.path.join(args.run, f"{tag}.so")
-        x = np.load(os.path.join(args.run, f"{tag}_x.npy"))
+        xpath = os.path.join(args.run, f"{tag}_x.npz")
+        xs = load_inputs(xpath) if os.path.exists(xpath) else [np.load(xpath[:-1] + "y")]
         ref = np.load(os.path.join(args.run, f"{tag}_ref.npy"))
         ex = runtime.load(so, threads=args.threads)
         fo = refill_weights(onnx.load(os.path.join(args.run, f"{tag}.onnx")))
-        results[tag] = run_case(tag, meta, x, lambda e=ex, x=x: e.run(x), ref, fo, args, so)
+        results[tag] = run_case(tag, meta, xs, lambda e=ex, xs=xs: e.run(*xs), ref, fo, args, so)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -337,7 +415,7 @@ def run_prepared(args) -> None:
 
 def run_local(args) -> None:
     for batch in args.batch:
-        model, x, lib, compile_s = compile_case(args.model, batch, args.mcpu)
+        model, xs, lib, compile_s = compile_case(args.model, batch, args.mcpu)
         with tempfile.TemporaryDirectory() as wd:
             so = os.path.join(wd, "m.so")
             lib.export(so)
@@ -348,9 +426,10 @@ def run_local(args) -> None:
                 "artifact_bytes": os.path.getsize(so),
                 "mcpu": args.mcpu or "host",
             }
-            ref = reference_output(lib, x) if args.check else None
+            ref = reference_output(lib, xs) if args.check else None
             tag = f"{args.model}_b{batch}"
-            run_case(tag, meta, x, lambda lib=lib, x=x: lib.run(x), ref, lib.float_onnx, args, so)
+            fn = lambda lib=lib, xs=xs: lib.run(*xs)  # noqa: E731
+            run_case(tag, meta, xs, fn, ref, lib.float_onnx, args, so)
 
 
 def main() -> None:

@@ -29,7 +29,8 @@ import tvm_ffi
 import intq
 
 _TVM_DROP = ("3rdparty", "src", "web", "include", "lib/libtvm_compiler.so", "lib/libtvm.so")
-_INTQ_FILES = ("__init__.py", "boundary.py", "errors.py")
+# config.py is pure Python: carried so that model files importing CompileConfig load on a device
+_INTQ_FILES = ("__init__.py", "boundary.py", "config.py", "errors.py")
 
 
 def _ignore_pycache(_dir: str, names: list[str]) -> list[str]:

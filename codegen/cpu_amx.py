@@ -181,6 +181,7 @@ def gemm_amx_func(
     per_channel: bool = False,
     name: str = "int8_gemm_amx",
     emulate: bool = False,
+    probe: str = "",
 ) -> tirx.PrimFunc:
     """PrimFunc y[G*M, N] = epilogue(A[G*M, K] @ B + bias), per g.
 
@@ -188,6 +189,8 @@ def gemm_amx_func(
     (pack_weight_amx, shared by every g), else int8 B[G, K, N]; bias int32[Np] (N rounded up
     to 32, zero padded: C tiles start from it) if `bias`;
     rq_b, rq_c int32[N] if `per_channel`; y. rq = (b, c, lo, hi, dtype) or None (int32 out).
+    probe (benchmarks/amx_probe.py only; wrong results): "no_epilogue" drops the epilogue,
+    "compute_only" also three of the four C stores, to time the parts of the kernel apart.
     """
     kp, np_ = _ceil(k, KSTEP), _ceil(n, BLOCK)
     mblocks, nblocks = _ceil(m, BLOCK) // BLOCK, np_ // BLOCK
@@ -254,10 +257,11 @@ def gemm_amx_func(
                             a_tile(1)
                             tiles.dot(*DOTS[2])
                             tiles.dot(*DOTS[3])
-                        for t, r, c in CORNERS:
+                        for t, r, c in CORNERS[: 1 if probe == "compute_only" else 4]:
                             tiles.store(t, c_flat, r * BLOCK + c, BLOCK)
-                        with T.serial(0, tirx.min(BLOCK, m - mb * BLOCK)) as r:
-                            _epilogue_row(y, cbuf, r, row0 + r, nb * BLOCK, n, rq, pc)
+                        if not probe:
+                            with T.serial(0, tirx.min(BLOCK, m - mb * BLOCK)) as r:
+                                _epilogue_row(y, cbuf, r, row0 + r, nb * BLOCK, n, rq, pc)
 
                 # the block's last byte read: row row0 + 31, k-steps up to kp
                 in_bounds = (row0 + BLOCK - 1) * k + kp <= g * m * k

@@ -87,7 +87,12 @@ def minilm_l6(path: str | os.PathLike[str] | None = None) -> SentenceEncoder:
 
 
 def tiny_bert(
-    seed: int = 0, vocab_size: int = 120, hidden: int = 32, layers: int = 2
+    seed: int = 0,
+    vocab_size: int = 120,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 64,
 ) -> SentenceEncoder:
     """A small random-weight BERT `SentenceEncoder` (for fast tests; same graph structure)."""
     from transformers import BertConfig, BertModel
@@ -97,13 +102,19 @@ def tiny_bert(
         vocab_size=vocab_size,
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         intermediate_size=4 * hidden,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         hidden_act="gelu",
         attn_implementation="eager",
     )
     return SentenceEncoder(BertModel(cfg).eval()).eval()
+
+
+def minilm_l6_random(seed: int = 0) -> SentenceEncoder:
+    """all-MiniLM-L6-v2's architecture (6 layers, hidden 384, 12 heads, vocabulary 30522) with
+    random weights: for speed measurements where the packaged weights are absent."""
+    return tiny_bert(seed, vocab_size=30522, hidden=384, layers=6, heads=12, max_positions=512)
 
 
 class Tokenizer:
