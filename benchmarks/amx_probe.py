@@ -34,7 +34,7 @@ def prepare(folder: str) -> None:
     for shape_name, (m, k, n) in SHAPES.items():
         for probe in PROBES:
             name = f"{shape_name}_{probe or 'whole'}"
-            rq = (None, None, -128, 127, "int8")
+            b, c = np.full(n, 1 << 30, np.int32), np.full(n, 40, np.int32)  # per column
             f = cpu_amx.gemm_amx_func(
                 1,
                 m,
@@ -43,8 +43,7 @@ def prepare(folder: str) -> None:
                 "int8",
                 packed_b=True,
                 bias=True,
-                rq=rq,
-                per_channel=True,
+                rqs=((b, c, -128, 127, "int8"),),
                 name=name,
                 probe=probe,
             )

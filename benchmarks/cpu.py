@@ -84,14 +84,22 @@ STRIP_MIN_ELEMENTS = 1024  # float initializers at least this large are stripped
 
 
 def _models_attr(ref: str):
-    """intq.models.<module>.<name>, or <module>.<name> carried beside this script (device)."""
+    """intq.models.<module>.<name>, or on a device without the compiler package, <name> of
+    the repository's models/<module>.py (loaded by path: benchmarks/ has files of the same
+    names)."""
     import importlib
+    import importlib.util
 
     mod_name, attr = ref.split(":")
     try:
         mod = importlib.import_module(f"intq.models.{mod_name}")
-    except ImportError:  # device: the model file is carried next to this script
-        mod = importlib.import_module(mod_name)
+    except ImportError:  # device: the working tree's models/ directory
+        here = os.path.dirname(os.path.abspath(__file__))
+        path = os.path.join(here, os.pardir, "models", f"{mod_name}.py")
+        spec = importlib.util.spec_from_file_location(f"_intq_models_{mod_name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
     return getattr(mod, attr)
 
 

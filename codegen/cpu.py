@@ -21,6 +21,7 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
 from intq.codegen import compat, cpu_amx, te_ops
+from intq.codegen.lower import requant_split
 from intq.errors import LoweringError
 
 # ----------------------------------------------------------------------------------------------
@@ -555,7 +556,7 @@ class CpuKernels:
         of it when `rq` = (b, c, lo, hi, dtype) (ints, or int32 arrays per column) is folded in."""
         isa = isa or self.isa
         if self.amx and isa == self.isa and str(x2d.ty.dtype) in ("int8", "uint8"):
-            return self._gemm_amx(ctx, x2d, w_kn, bias, rq)
+            return self._gemm_amx(ctx, x2d, w_kn, bias, [rq] if rq is not None else [])
         _, nl, mr, nt = ISA_PARAMS[isa]
         kg = KGROUP.get(isa, 2)
         k, n = w_kn.shape
@@ -585,59 +586,52 @@ class CpuKernels:
             primfunc_attrs=self._attrs("dense", isa),
         )
 
-    def _gemm_amx(self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias, rq) -> relax.Expr:
-        """The AMX form of _gemm (s8 or u8 left operand; no sign-flip compensation needed)."""
+    def _gemm_amx(self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias, rqs) -> relax.Expr:
+        """The AMX form of _gemm (s8 or u8 left operand; no sign-flip compensation needed);
+        `rqs`: the Requantizes its epilogue applies in turn (see cpu_amx.gemm_amx_func)."""
         m, k = (int(d) for d in x2d.ty.shape)
         n = w_kn.shape[1]
-        per_channel = rq is not None and isinstance(rq[0], np.ndarray)
-        b64 = (bias if bias is not None else np.zeros(n)).astype(np.int64).reshape(n)
-        args = [x2d, relax.const(cpu_amx.pack_weight_amx(w_kn.astype(np.int8)))]
         bias_pad = np.zeros(-(-n // cpu_amx.BLOCK) * cpu_amx.BLOCK, np.int32)  # C starts from it
-        bias_pad[:n] = b64
+        if bias is not None:
+            bias_pad[:n] = np.asarray(bias, np.int64).reshape(n)
+        args = [x2d, relax.const(cpu_amx.pack_weight_amx(w_kn.astype(np.int8)))]
         args.append(relax.const(bias_pad))
-        if per_channel:
-            args += [relax.const(np.asarray(v, np.int32)) for v in rq[:2]]
-        name = "int8_dense_amx" + ("_rq" if rq is not None else "") + ("_pc" if per_channel else "")
-        func = cpu_amx.gemm_amx_func(
-            1,
-            m,
-            k,
-            n,
-            str(x2d.ty.dtype),
-            packed_b=True,
-            bias=True,
-            rq=rq,
-            per_channel=per_channel,
-            name=name,
-            emulate=self.amx == "emulate",
-        )
-        return self._call_amx(ctx, func, name, args, (m, n), rq)
+        name = "int8_dense_amx" + "_rq" * len(rqs)
+        func = self._amx_func(1, m, k, n, str(x2d.ty.dtype), rqs, args, name, True)
+        return self._call_amx(ctx, func, name, args, (m, n), rqs)
 
-    def _bmm_amx(self, ctx, a3: relax.Expr, b3: relax.Expr, rq) -> relax.Expr:
-        """[G, M, K] (s8 / u8) x [G, K, N] s8 on AMX, B packed per call inside the kernel."""
+    def _bmm_amx(self, ctx, a3: relax.Expr, b3: relax.Expr, rqs) -> relax.Expr:
+        """[G, M, K] (s8 / u8) x [G, K, N] s8 on AMX, B packed per call inside the kernel;
+        returns [G*M, N]."""
         g, m, k = (int(d) for d in a3.ty.shape)
         n = int(b3.ty.shape[2])
-        a2 = ctx.bb.emit(relax.op.reshape(a3, (g * m, k)))
-        name = "int8_bmm_amx" + ("_rq" if rq is not None else "")
-        func = cpu_amx.gemm_amx_func(
+        args = [ctx.bb.emit(relax.op.reshape(a3, (g * m, k))), b3]
+        name = "int8_bmm_amx" + "_rq" * len(rqs)
+        func = self._amx_func(g, m, k, n, str(a3.ty.dtype), rqs, args, name, False)
+        return self._call_amx(ctx, func, name, args, (g * m, n), rqs)
+
+    def _amx_func(self, g, m, k, n, a_dtype, rqs, args: list, name: str, dense: bool):
+        """The kernel; appends the per-column Requantize arrays to `args`."""
+        for rb, rc, *_ in rqs:
+            if isinstance(rb, np.ndarray):
+                args += [relax.const(np.asarray(v, np.int32)) for v in (rb, rc)]
+        return cpu_amx.gemm_amx_func(
             g,
             m,
             k,
             n,
-            str(a3.ty.dtype),
-            packed_b=False,
-            bias=False,
-            rq=rq,
+            a_dtype,
+            packed_b=dense,
+            bias=dense,
+            rqs=tuple(rqs),
             name=name,
             emulate=self.amx == "emulate",
         )
-        y = self._call_amx(ctx, func, name, [a2, b3], (g * m, n), rq)
-        return ctx.bb.emit(relax.op.reshape(y, (g, m, n)))
 
     @staticmethod
-    def _call_amx(ctx, func: tirx.PrimFunc, name: str, args: list, shape, rq) -> relax.Expr:
+    def _call_amx(ctx, func: tirx.PrimFunc, name: str, args: list, shape, rqs) -> relax.Expr:
         gv = ctx.bb.add_func(func, name)
-        out = relax.TensorType(shape, "int32" if rq is None else rq[4])
+        out = relax.TensorType(shape, rqs[-1][4] if rqs else "int32")
         return ctx.bb.emit(relax.call_tir(gv, relax.Tuple(args), out))
 
     def dense(self, ctx, node) -> relax.Expr:
@@ -656,6 +650,16 @@ class CpuKernels:
         # per-element gather made fc1 2x slower on the Xeon than the GEMM + a separate table
         # kernel, docs/PERFORMANCE.md)
         rq_node, rq = ctx.epilogue_requant(node)
+        split = None
+        if self.amx and isa == self.isa:  # q / k / v heads: Requantized in the epilogue
+            split = requant_split(ctx, (rq_node or node).output[0])
+        if split is not None:
+            rqs = [r for r in (rq, split.rq) if r is not None]
+            y = self._gemm_amx(ctx, x2d, w, bias, rqs)
+            split.bind(ctx, y, (rows, w.shape[1]))  # readers index the heads inside y
+            if rq_node is not None:
+                ctx.skipped.add(rq_node.output[0])
+            return y
         y = self._gemm(ctx, x2d, w, bias, rq, isa)
         out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
         if rq_node is not None:
@@ -684,9 +688,15 @@ class CpuKernels:
             and ctx.dtypes[node.input[0]] in ("int8", "uint8")
             and (ctx.dtypes[node.input[1]] == "int8")
         ):
-            out = ctx.bb.emit(
-                relax.op.reshape(self._bmm_amx(ctx, a3, b3, rq), ctx.shapes[node.output[0]])
-            )
+            split = None
+            if rq_node is None:  # a Requantize behind the heads' merge: in the epilogue
+                split = requant_split(ctx, node.output[0])
+                rq = split.rq if split is not None else None
+            y = self._bmm_amx(ctx, a3, b3, [rq] if rq is not None else [])
+            if split is not None:
+                split.bind(ctx, y, tuple(int(d) for d in y.ty.shape))
+                return y
+            out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
             if rq_node is not None:
                 ctx.bind_folded(rq_node, out)
             return out

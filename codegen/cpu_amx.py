@@ -177,8 +177,7 @@ def gemm_amx_func(
     *,
     packed_b: bool,
     bias: bool,
-    rq=None,
-    per_channel: bool = False,
+    rqs: tuple = (),
     name: str = "int8_gemm_amx",
     emulate: bool = False,
     probe: str = "",
@@ -188,7 +187,9 @@ def gemm_amx_func(
     Parameters in order: a (a_dtype int8 / uint8, rows g*M + i); b: packed_b -> Wp
     (pack_weight_amx, shared by every g), else int8 B[G, K, N]; bias int32[Np] (N rounded up
     to 32, zero padded: C tiles start from it) if `bias`;
-    rq_b, rq_c int32[N] if `per_channel`; y. rq = (b, c, lo, hi, dtype) or None (int32 out).
+    for each stage of `rqs` whose multiplier / shift are arrays, int32[N] b and c; y.
+    rqs: the Requantizes applied in order in the epilogue, each (b, c, lo, hi, dtype) with b, c
+    ints (per tensor) or int32 arrays along N (per column); () = int32 out.
     probe (benchmarks/amx_probe.py only; wrong results): "no_epilogue" drops the epilogue,
     "compute_only" also three of the four C stores, to time the parts of the kernel apart.
     """
@@ -196,7 +197,7 @@ def gemm_amx_func(
     mblocks, nblocks = _ceil(m, BLOCK) // BLOCK, np_ // BLOCK
     per = _task_split(g * mblocks, nblocks)
     nchunks = nblocks // per
-    out_dtype = "int32" if rq is None else rq[4]
+    out_dtype = rqs[-1][4] if rqs else "int32"
     tiles = _Tiles(a_dtype, emulate)
     bp_shape = (np_ // 16, kp // 4, 16, 4) if packed_b else (g, np_ // 16, kp // 4, 16, 4)
     with IRBuilder() as ib:
@@ -206,11 +207,12 @@ def gemm_amx_func(
             a = T.arg("a", T.buffer((g * m, k), a_dtype))
             b = T.arg("b", T.buffer(bp_shape if packed_b else (g, k, n), "int8"))
             bias_t = T.arg("bias", T.buffer((np_,), "int32")) if bias else None
-            pc = (
-                (T.arg("rq_b", T.buffer((n,), "int32")), T.arg("rq_c", T.buffer((n,), "int32")))
-                if per_channel
-                else None
-            )
+            stages = []  # rqs with their per-column arrays replaced by buffer parameters
+            for i, (rb, rc, lo, hi, dt) in enumerate(rqs):
+                if isinstance(rb, np.ndarray):
+                    rb = T.arg(f"rq{i}_b", T.buffer((n,), "int32"))
+                    rc = T.arg(f"rq{i}_c", T.buffer((n,), "int32"))
+                stages.append((rb, rc, lo, hi, dt))
             y = T.arg("y", T.buffer((g * m, n), out_dtype))
             if packed_b:
                 bp = b
@@ -226,42 +228,53 @@ def gemm_amx_func(
                 mb = task % mblocks
                 row0 = gg * m + mb * BLOCK  # first row of the block in a / y
                 tiles.configure()
-                cbuf = T.alloc_buffer((BLOCK, BLOCK), "int32", align=64)
-                c_flat = _flat(cbuf, BLOCK * BLOCK)
+                # two C buffers: block i's epilogue (vector code) runs after block i+1's tile
+                # multiplies are issued, so the core overlaps the two
+                cbuf = T.alloc_buffer((2, BLOCK, BLOCK), "int32", align=64)
+                c_flat = _flat(cbuf, 2 * BLOCK * BLOCK)
+
+                def compute(src, src_row0, stride: int, nb, buf: int) -> None:
+                    """C of output block nb -> cbuf[buf]; A rows from src at src_row0."""
+                    for t, _, c in CORNERS:  # C = bias (one row repeated) or 0
+                        if bias_t is not None:
+                            tiles.load(t, bias_t, nb * BLOCK + c, 0)
+                        else:
+                            tiles.zero(t)
+                    with T.serial(0, kp // KSTEP) as kb:
+
+                        def a_tile(half, kb=kb):
+                            off = (src_row0 + half * TILE_ROWS) * stride + kb * KSTEP
+                            tiles.load(A_TILES[half], src, off, stride)
+
+                        def b_tile(half, kb=kb):
+                            kq = (nb * 2 + half) * (kp // 4) + kb * TILE_ROWS
+                            tiles.load(B_TILES[half], bp_flat, gg * b_stride_g + kq * 64, 64)
+
+                        # loads interleaved with the multiplies that wait for them
+                        a_tile(0)
+                        b_tile(0)
+                        tiles.dot(*DOTS[0])
+                        b_tile(1)
+                        tiles.dot(*DOTS[1])
+                        a_tile(1)
+                        tiles.dot(*DOTS[2])
+                        tiles.dot(*DOTS[3])
+                    for t, r, c in CORNERS[: 1 if probe == "compute_only" else 4]:
+                        tiles.store(t, c_flat, (buf * BLOCK + r) * BLOCK + c, BLOCK)
+
+                def epilogue(nb, buf: int) -> None:
+                    if probe:
+                        return
+                    with T.serial(0, tirx.min(BLOCK, m - mb * BLOCK)) as r:
+                        _epilogue_row(y, cbuf, buf, r, row0 + r, nb * BLOCK, n, stages)
 
                 def blocks(src, src_row0, stride: int) -> None:
-                    """The task's output blocks; A rows from src at src_row0 (row stride)."""
-                    with T.serial(0, per) as nbi:
-                        nb = nc * per + nbi
-                        for t, _, c in CORNERS:  # C = bias (one row repeated) or 0
-                            if bias_t is not None:
-                                tiles.load(t, bias_t, nb * BLOCK + c, 0)
-                            else:
-                                tiles.zero(t)
-                        with T.serial(0, kp // KSTEP) as kb:
-
-                            def a_tile(half, kb=kb):
-                                off = (src_row0 + half * TILE_ROWS) * stride + kb * KSTEP
-                                tiles.load(A_TILES[half], src, off, stride)
-
-                            def b_tile(half, kb=kb):
-                                kq = (nb * 2 + half) * (kp // 4) + kb * TILE_ROWS
-                                tiles.load(B_TILES[half], bp_flat, gg * b_stride_g + kq * 64, 64)
-
-                            # loads interleaved with the multiplies that wait for them
-                            a_tile(0)
-                            b_tile(0)
-                            tiles.dot(*DOTS[0])
-                            b_tile(1)
-                            tiles.dot(*DOTS[1])
-                            a_tile(1)
-                            tiles.dot(*DOTS[2])
-                            tiles.dot(*DOTS[3])
-                        for t, r, c in CORNERS[: 1 if probe == "compute_only" else 4]:
-                            tiles.store(t, c_flat, r * BLOCK + c, BLOCK)
-                        if not probe:
-                            with T.serial(0, tirx.min(BLOCK, m - mb * BLOCK)) as r:
-                                _epilogue_row(y, cbuf, r, row0 + r, nb * BLOCK, n, rq, pc)
+                    """The task's `per` output blocks (unrolled), epilogues one block behind."""
+                    for i in range(per):
+                        compute(src, src_row0, stride, nc * per + i, i % 2)
+                        if i > 0:
+                            epilogue(nc * per + i - 1, (i - 1) % 2)
+                    epilogue(nc * per + per - 1, (per - 1) % 2)
 
                 # the block's last byte read: row row0 + 31, k-steps up to kp
                 in_bounds = (row0 + BLOCK - 1) * k + kp <= g * m * k
@@ -322,20 +335,17 @@ def _padded_row(dst, a, r, src, end, k: int, kp: int, dtype: str) -> None:
                     T.buffer_store(dst, zero, [r, ko * 16 + ki])
 
 
-def _epilogue_row(y, cbuf, r, row, col0, n: int, rq, pc) -> None:
-    """y[row, col0:col0+32] = epilogue(cbuf[r, :]) (the bias is already in C), vectorized. A
-    block reaching past N computes its 32 values into a small buffer (channel indices clamped)
-    and copies the ones inside N."""
+def _epilogue_row(y, cbuf, buf: int, r, row, col0, n: int, stages) -> None:
+    """y[row, col0:col0+32] = the Requantize `stages` applied in turn to cbuf[buf, r, :] (the
+    bias is already in C), vectorized. A block reaching past N computes its 32 values into a
+    small buffer (channel indices clamped) and copies the ones inside N."""
 
     def value(j, clamp: bool):
         col = tirx.min(col0 + j, n - 1) if clamp else col0 + j
-        v = cbuf[r, j]
-        if rq is None:
-            return v
-        b, c, lo, hi, dt = rq
-        if pc is not None:
-            b, c = pc
-        return te_ops.requant_expr(v, b, c, lo, hi, dt, ch=col)
+        v = cbuf[buf, r, j]
+        for b, c, lo, hi, dt in stages:
+            v = te_ops.requant_expr(v, b, c, lo, hi, dt, ch=col)
+        return v
 
     def direct() -> None:
         with T.vectorized(0, BLOCK) as j:
