@@ -21,7 +21,7 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
 from intq.codegen import compat, cpu_amx, te_ops
-from intq.codegen.lower import requant_split
+from intq.codegen.lower import fit_affine, requant_split, view_affine
 from intq.errors import LoweringError
 
 # ----------------------------------------------------------------------------------------------
@@ -594,44 +594,60 @@ class CpuKernels:
         bias_pad = np.zeros(-(-n // cpu_amx.BLOCK) * cpu_amx.BLOCK, np.int32)  # C starts from it
         if bias is not None:
             bias_pad[:n] = np.asarray(bias, np.int64).reshape(n)
-        args = [x2d, relax.const(cpu_amx.pack_weight_amx(w_kn.astype(np.int8)))]
+        args = [_flat(ctx, x2d), relax.const(cpu_amx.pack_weight_amx(w_kn.astype(np.int8)))]
         args.append(relax.const(bias_pad))
         name = "int8_dense_amx" + "_rq" * len(rqs)
-        func = self._amx_func(1, m, k, n, str(x2d.ty.dtype), rqs, args, name, True)
-        return self._call_amx(ctx, func, name, args, (m, n), rqs)
+        func = self._amx_func((1, m, k, n), str(x2d.ty.dtype), rqs, args, name, True, {})
+        y = self._call_amx(ctx, func, name, args, m * n, rqs)
+        return ctx.bb.emit(relax.op.reshape(y, (m, n)))
 
-    def _bmm_amx(self, ctx, a3: relax.Expr, b3: relax.Expr, rqs) -> relax.Expr:
-        """[G, M, K] (s8 / u8) x [G, K, N] s8 on AMX, B packed per call inside the kernel;
-        returns [G*M, N]."""
-        g, m, k = (int(d) for d in a3.ty.shape)
-        n = int(b3.ty.shape[2])
-        args = [ctx.bb.emit(relax.op.reshape(a3, (g * m, k))), b3]
+    def _bmm_amx(self, ctx, node, rqs, y_layout=None) -> relax.Expr:
+        """IntMatMul [.., M, K] (s8 / u8) x [.., K, N] s8 on AMX, B packed per call inside the
+        kernel. An operand that is a view (lower.View: a q / k / v head inside the qkv
+        projection's output) with an affine layout is read in place. Returns y flat: [G*M*N],
+        or laid out by `y_layout`."""
+        sa, sb = ctx.shapes[node.input[0]], ctx.shapes[node.input[1]]
+        g, m, k, n = int(np.prod(sa[:-2])), int(sa[-2]), int(sa[-1]), int(sb[-1])
+        args, layouts = [], {}
+        for key, name, need_k in (
+            ("a_layout", node.input[0], True),
+            ("b_layout", node.input[1], False),
+        ):
+            layout = _view_layout(ctx, name, need_k)
+            if layout is None:
+                args.append(_flat(ctx, ctx.value(name)))
+            else:
+                args.append(_flat(ctx, ctx.views[name].source))
+                layouts[key] = layout
+        if y_layout is not None:
+            layouts["y_layout"] = y_layout
         name = "int8_bmm_amx" + "_rq" * len(rqs)
-        func = self._amx_func(g, m, k, n, str(a3.ty.dtype), rqs, args, name, False)
-        return self._call_amx(ctx, func, name, args, (g * m, n), rqs)
+        func = self._amx_func(
+            (g, m, k, n), ctx.dtypes[node.input[0]], rqs, args, name, False, layouts
+        )
+        size = y_layout.size if y_layout is not None else g * m * n
+        return self._call_amx(ctx, func, name, args, size, rqs)
 
-    def _amx_func(self, g, m, k, n, a_dtype, rqs, args: list, name: str, dense: bool):
+    def _amx_func(self, gmkn, a_dtype, rqs, args: list, name: str, dense: bool, layouts):
         """The kernel; appends the per-column Requantize arrays to `args`."""
         for rb, rc, *_ in rqs:
             if isinstance(rb, np.ndarray):
                 args += [relax.const(np.asarray(v, np.int32)) for v in (rb, rc)]
         return cpu_amx.gemm_amx_func(
-            g,
-            m,
-            k,
-            n,
+            *gmkn,
             a_dtype,
             packed_b=dense,
             bias=dense,
             rqs=tuple(rqs),
             name=name,
             emulate=self.amx == "emulate",
+            **layouts,
         )
 
     @staticmethod
-    def _call_amx(ctx, func: tirx.PrimFunc, name: str, args: list, shape, rqs) -> relax.Expr:
+    def _call_amx(ctx, func: tirx.PrimFunc, name: str, args: list, size: int, rqs) -> relax.Expr:
         gv = ctx.bb.add_func(func, name)
-        out = relax.TensorType(shape, rqs[-1][4] if rqs else "int32")
+        out = relax.TensorType((size,), rqs[-1][4] if rqs else "int32")
         return ctx.bb.emit(relax.call_tir(gv, relax.Tuple(args), out))
 
     def dense(self, ctx, node) -> relax.Expr:
@@ -670,6 +686,15 @@ class CpuKernels:
         sa, sb = ctx.shapes[node.input[0]], ctx.shapes[node.input[1]]
         if (len(node.input) > 2 and node.input[2]) or sa[:-2] != sb[:-2] or len(sa) < 3:
             return _plain_matmul(ctx, node)
+        rq_node, rq = ctx.epilogue_requant(node)
+        if rq is not None and isinstance(rq[0], np.ndarray):
+            rq_node, rq = None, None  # per-column requantization after a bmm: not folded
+        if (
+            self.amx
+            and ctx.dtypes[node.input[0]] in ("int8", "uint8")
+            and (ctx.dtypes[node.input[1]] == "int8")
+        ):
+            return self._batch_matmul_amx(ctx, node, rq_node, rq)
         g = int(np.prod(sa[:-2]))
         a = ctx.value(node.input[0])
         a3 = ctx.bb.emit(relax.op.reshape(a, (g, sa[-2], sa[-1])))
@@ -680,26 +705,6 @@ class CpuKernels:
             ctx.dtypes[node.input[1]] != "int8" or ctx.dtypes[node.input[0]] == "int16"
         ):
             kg, attrs = 2, {**attrs, "intq.isa": "avx512"}
-        rq_node, rq = ctx.epilogue_requant(node)
-        if rq is not None and isinstance(rq[0], np.ndarray):
-            rq_node, rq = None, None  # per-column requantization after a bmm: not folded
-        if (
-            self.amx
-            and ctx.dtypes[node.input[0]] in ("int8", "uint8")
-            and (ctx.dtypes[node.input[1]] == "int8")
-        ):
-            split = None
-            if rq_node is None:  # a Requantize behind the heads' merge: in the epilogue
-                split = requant_split(ctx, node.output[0])
-                rq = split.rq if split is not None else None
-            y = self._bmm_amx(ctx, a3, b3, [rq] if rq is not None else [])
-            if split is not None:
-                split.bind(ctx, y, tuple(int(d) for d in y.ty.shape))
-                return y
-            out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
-            if rq_node is not None:
-                ctx.bind_folded(rq_node, out)
-            return out
         y = ctx.bb.emit_te(
             lambda x, y: bmm_te(
                 x, y, transpose_b=False, mr=self.mr, nl=self.nl, nt=self.nt, kg=kg, rq=rq
@@ -709,6 +714,32 @@ class CpuKernels:
             primfunc_name_hint="int8_bmm" if rq is None else "int8_bmm_rq",
             primfunc_attrs=attrs,
         )
+        out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
+        if rq_node is not None:
+            ctx.bind_folded(rq_node, out)
+        return out
+
+    def _batch_matmul_amx(self, ctx, node, rq_node, rq) -> relax.Expr:
+        """batch_matmul on AMX. A Requantize behind the heads' merge (a Transpose + Reshape of
+        P.V) runs in the epilogue, which writes the merged tensor directly when the merge is an
+        affine map (`_merged_layout`); else the heads are a view of the bmm output."""
+        split = None
+        if rq_node is None:
+            split = requant_split(ctx, node.output[0])
+            rq = split.rq if split is not None else None
+        merged = _merged_layout(ctx, split) if split is not None else None
+        rqs = [rq] if rq is not None else []
+        if merged is not None:  # the merged heads, written in place by the epilogue
+            leaf, layout = merged
+            y = self._bmm_amx(ctx, node, rqs, layout)
+            out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[leaf.output[0]]))
+            ctx.skipped.update(split.inner)
+            ctx.bind_folded(leaf, out)
+            return out
+        y = self._bmm_amx(ctx, node, rqs)
+        if split is not None:
+            split.bind(ctx, y, (int(y.ty.shape[0]),))
+            return y
         out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[node.output[0]]))
         if rq_node is not None:
             ctx.bind_folded(rq_node, out)
@@ -746,6 +777,63 @@ class CpuKernels:
         y = self._gemm(ctx, cols, np.ascontiguousarray(w_kn), bias)  # [n*oh*ow, m]
         y = ctx.bb.emit(relax.op.reshape(y, (n, oh, ow, m)))
         return ctx.bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+
+
+def _flat(ctx, x: relax.Expr) -> relax.Expr:
+    """x reshaped to 1-D (a free view in the VM)."""
+    return ctx.bb.emit(relax.op.reshape(x, (int(np.prod([int(d) for d in x.ty.shape])),)))
+
+
+def _merged_layout(ctx, split) -> tuple[Any, cpu_amx.Layout] | None:
+    """(leaf node, Layout) when `split` has one leaf (e.g. the attention heads' merge) and each
+    element of the split tensor [.., M, N] goes to an affine place in the leaf's output,
+    contiguous along N: the bmm's epilogue then writes the leaf's tensor directly."""
+    if len(split.leaves) != 1:
+        return None
+    leaf, index = split.leaves[0]
+    lshape = [int(d) for d in ctx.shapes[leaf.output[0]]]
+    size = int(np.prod(lshape))
+    if size != int(np.prod(split.shape)):
+        return None
+    grid = [a.reshape(-1) for a in np.indices(lshape, dtype=np.int64)]
+    at = index(grid)
+    strides = _strides_of(split.shape)
+    tflat = sum(np.asarray(i, np.int64) * st for i, st in zip(at, strides, strict=True))
+    pos = np.empty(size, np.int64)
+    pos[np.broadcast_to(tflat, (size,))] = np.arange(size)
+    fit = fit_affine(pos, split.shape)
+    if fit is None or fit[1][-1] != 1:
+        return None
+    base, coeffs = fit
+    gdims = tuple((int(e), int(c)) for e, c in zip(split.shape[:-2], coeffs[:-2], strict=True))
+    return leaf, cpu_amx.Layout(size, int(base), gdims, int(coeffs[-2]), 1)
+
+
+def _strides_of(shape) -> list[int]:
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= int(d)
+    return out[::-1]
+
+
+def _view_layout(ctx, name: str, need_k_contiguous: bool) -> cpu_amx.Layout | None:
+    """The AMX Layout of tensor `name` when it is a view (lower.View) whose offsets are affine
+    in its indices: leading dims -> the g digits, then rows, columns. A left operand must be
+    contiguous along K (its last axis); a right one along K or N (the packing reads either)."""
+    view = ctx.views.get(name)
+    if view is None or len(view.shape) < 3:
+        return None
+    fit = view_affine(view)
+    if fit is None:
+        return None
+    base, coeffs = fit
+    row, col = coeffs[-2], coeffs[-1]
+    if (need_k_contiguous and col != 1) or (not need_k_contiguous and 1 not in (row, col)):
+        return None
+    size = int(np.prod(view.source_shape))
+    gdims = tuple((int(e), int(c)) for e, c in zip(view.shape[:-2], coeffs[:-2], strict=True))
+    return cpu_amx.Layout(size, int(base), gdims, int(row), int(col))
 
 
 def grouped_conv_te(x, w, bias, group: int, strides, dil, pads, out_shape):

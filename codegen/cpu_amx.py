@@ -30,6 +30,8 @@ state by the kernel before real tile instructions run (`compat.enable_amx`; Linu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
@@ -168,6 +170,31 @@ def _flat(buf, size: int):
     return T.decl_buffer((size,), buf.dtype, data=buf.data)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where element (g, i, j) of a [G, rows, cols]-shaped operand lives in a flat buffer of
+    `size` elements: base + sum_d c_d * digit_d(g) + i * row + j * col, the digits of g over
+    `gdims` ((extent, c) pairs, outermost first). A plain contiguous tensor is `dense`; a view
+    (e.g. a q head inside the qkv projection's output) is read in place through its layout."""
+
+    size: int
+    base: int
+    gdims: tuple[tuple[int, int], ...]
+    row: int
+    col: int
+
+    @staticmethod
+    def dense(g: int, rows: int, cols: int) -> Layout:
+        return Layout(g * rows * cols, 0, ((g, rows * cols),), cols, 1)
+
+    def g_offset(self, gg):
+        off, rest = tirx.const(self.base, "int32"), gg
+        for extent, c in reversed(self.gdims):
+            off = off + (rest % extent) * c
+            rest = rest // extent
+        return off
+
+
 def gemm_amx_func(
     g: int,
     m: int,
@@ -178,16 +205,21 @@ def gemm_amx_func(
     packed_b: bool,
     bias: bool,
     rqs: tuple = (),
+    a_layout: Layout | None = None,
+    b_layout: Layout | None = None,
+    y_layout: Layout | None = None,
     name: str = "int8_gemm_amx",
     emulate: bool = False,
     probe: str = "",
 ) -> tirx.PrimFunc:
-    """PrimFunc y[G*M, N] = epilogue(A[G*M, K] @ B + bias), per g.
+    """PrimFunc y[g] = epilogue(A[g] @ B[g] + bias), A[g]: M x K, B[g]: K x N, for g < G.
 
-    Parameters in order: a (a_dtype int8 / uint8, rows g*M + i); b: packed_b -> Wp
-    (pack_weight_amx, shared by every g), else int8 B[G, K, N]; bias int32[Np] (N rounded up
+    Parameters in order: a (a_dtype int8 / uint8), flat, laid out by a_layout (default: dense
+    [G, M, K]; K must be its contiguous axis); b: packed_b -> Wp (pack_weight_amx, shared by
+    every g), else int8, flat, by b_layout (default dense [G, K, N]); y flat, by y_layout
+    (default dense [G, M, N]; N contiguous); bias int32[Np] (N rounded up
     to 32, zero padded: C tiles start from it) if `bias`;
-    for each stage of `rqs` whose multiplier / shift are arrays, int32[N] b and c; y.
+    for each stage of `rqs` whose multiplier / shift are arrays, int32[N] b and c; then y.
     rqs: the Requantizes applied in order in the epilogue, each (b, c, lo, hi, dtype) with b, c
     ints (per tensor) or int32 arrays along N (per column); () = int32 out.
     probe (benchmarks/amx_probe.py only; wrong results): "no_epilogue" drops the epilogue,
@@ -199,13 +231,18 @@ def gemm_amx_func(
     nchunks = nblocks // per
     out_dtype = rqs[-1][4] if rqs else "int32"
     tiles = _Tiles(a_dtype, emulate)
+    al = a_layout or Layout.dense(g, m, k)
+    bl = b_layout or Layout.dense(g, k, n)
+    yl = y_layout or Layout.dense(g, m, n)
+    if al.col != 1 or yl.col != 1:
+        raise ValueError("AMX GEMM: A must be contiguous along K and y along N")
     bp_shape = (np_ // 16, kp // 4, 16, 4) if packed_b else (g, np_ // 16, kp // 4, 16, 4)
     with IRBuilder() as ib:
         with T.prim_func(private=True):
             T.func_name(name)
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            a = T.arg("a", T.buffer((g * m, k), a_dtype))
-            b = T.arg("b", T.buffer(bp_shape if packed_b else (g, k, n), "int8"))
+            a_flat = T.arg("a", T.buffer((al.size,), a_dtype))
+            b = T.arg("b", T.buffer(bp_shape if packed_b else (bl.size,), "int8"))
             bias_t = T.arg("bias", T.buffer((np_,), "int32")) if bias else None
             stages = []  # rqs with their per-column arrays replaced by buffer parameters
             for i, (rb, rc, lo, hi, dt) in enumerate(rqs):
@@ -213,28 +250,28 @@ def gemm_amx_func(
                     rb = T.arg(f"rq{i}_b", T.buffer((n,), "int32"))
                     rc = T.arg(f"rq{i}_c", T.buffer((n,), "int32"))
                 stages.append((rb, rc, lo, hi, dt))
-            y = T.arg("y", T.buffer((g * m, n), out_dtype))
+            y = T.arg("y", T.buffer((yl.size,), out_dtype))
             if packed_b:
                 bp = b
             else:
                 bp = T.alloc_buffer(bp_shape, "int8", align=64)
-                _pack_b(bp, b, g, k, n, kp, np_)
-            a_flat = _flat(a, g * m * k)
+                _pack_b(bp, b, bl, g, k, n, kp, np_)
             bp_flat = _flat(bp, int(np.prod(bp_shape)))
             b_stride_g = 0 if packed_b else np_ * kp  # bytes of one g's packed B
             with T.parallel(0, g * nchunks * mblocks) as task:
                 gg = task // (nchunks * mblocks)
                 nc = task // mblocks % nchunks
                 mb = task % mblocks
-                row0 = gg * m + mb * BLOCK  # first row of the block in a / y
+                a_row0 = al.g_offset(gg) + mb * BLOCK * al.row  # the block's first A row
+                y_row0 = yl.g_offset(gg) + mb * BLOCK * yl.row
                 tiles.configure()
                 # two C buffers: block i's epilogue (vector code) runs after block i+1's tile
                 # multiplies are issued, so the core overlaps the two
                 cbuf = T.alloc_buffer((2, BLOCK, BLOCK), "int32", align=64)
                 c_flat = _flat(cbuf, 2 * BLOCK * BLOCK)
 
-                def compute(src, src_row0, stride: int, nb, buf: int) -> None:
-                    """C of output block nb -> cbuf[buf]; A rows from src at src_row0."""
+                def compute(src, src_at, stride: int, nb, buf: int) -> None:
+                    """C of output block nb -> cbuf[buf]; A row r at src[src_at + r * stride]."""
                     for t, _, c in CORNERS:  # C = bias (one row repeated) or 0
                         if bias_t is not None:
                             tiles.load(t, bias_t, nb * BLOCK + c, 0)
@@ -243,7 +280,7 @@ def gemm_amx_func(
                     with T.serial(0, kp // KSTEP) as kb:
 
                         def a_tile(half, kb=kb):
-                            off = (src_row0 + half * TILE_ROWS) * stride + kb * KSTEP
+                            off = src_at + half * TILE_ROWS * stride + kb * KSTEP
                             tiles.load(A_TILES[half], src, off, stride)
 
                         def b_tile(half, kb=kb):
@@ -266,79 +303,97 @@ def gemm_amx_func(
                     if probe:
                         return
                     with T.serial(0, tirx.min(BLOCK, m - mb * BLOCK)) as r:
-                        _epilogue_row(y, cbuf, buf, r, row0 + r, nb * BLOCK, n, stages)
+                        y_at = y_row0 + r * yl.row + nb * BLOCK
+                        _epilogue_row(y, cbuf, buf, r, y_at, nb * BLOCK, n, stages)
 
-                def blocks(src, src_row0, stride: int) -> None:
-                    """The task's `per` output blocks (unrolled), epilogues one block behind."""
+                def blocks(src, src_at, stride: int) -> None:
+                    """The task's `per` output blocks (unrolled), epilogues one block behind;
+                    A row r of the block at src[src_at + r * stride]."""
                     for i in range(per):
-                        compute(src, src_row0, stride, nc * per + i, i % 2)
+                        compute(src, src_at, stride, nc * per + i, i % 2)
                         if i > 0:
                             epilogue(nc * per + i - 1, (i - 1) % 2)
                     epilogue(nc * per + per - 1, (per - 1) % 2)
 
-                # the block's last byte read: row row0 + 31, k-steps up to kp
-                in_bounds = (row0 + BLOCK - 1) * k + kp <= g * m * k
+                # the block's last byte read: row 31, k-steps up to kp
+                in_bounds = a_row0 + (BLOCK - 1) * al.row + kp <= al.size
                 with T.If(in_bounds):
                     with T.Then():
-                        blocks(a_flat, row0, k)
+                        blocks(a_flat, a_row0, al.row)
                     with T.Else():
                         panel = T.alloc_buffer((BLOCK, kp), a_dtype, align=64)
                         with T.serial(0, BLOCK) as r:
-                            _padded_row(panel, a, r, row0 + r, gg * m + m, k, kp, a_dtype)
+                            ok = mb * BLOCK + r < m
+                            _padded_row(panel, a_flat, r, a_row0 + r * al.row, ok, k, kp)
                         blocks(_flat(panel, BLOCK * kp), 0, kp)
                 tiles.release()
     return ib.get()
 
 
-def _pack_b(bp, b, g: int, k: int, n: int, kp: int, np_: int) -> None:
-    """bp[g, nb, kq, j, q] = B[g, 4 kq + q, 16 nb + j], zero where k >= K or the column >= N
-    (zero k-rows are what make the in-place A reads safe). Where the four k-rows and 16 columns
-    are all inside B: four 16-byte row loads interleaved by one shuffle into a 64-byte store;
-    else element by element."""
+def _pack_b(bp, b_flat, bl: Layout, g: int, k: int, n: int, kp: int, np_: int) -> None:
+    """bp[g, nb, kq, j, q] = B[g, 4 kq + q, 16 nb + j] (B read through its layout), zero where
+    k >= K or the column >= N (zero k-rows are what make the in-place A reads safe). Where the
+    four k-rows and 16 columns are all inside B, as vectors: B contiguous along N: four 16-byte
+    row loads interleaved by one shuffle; contiguous along K: sixteen 4-byte column loads; else
+    (and at the edges) element by element."""
     zero = tirx.const(0, "int8")
     nbs = np_ // 16
-    b_flat, bp_flat = _flat(b, g * k * n), _flat(bp, g * nbs * kp * 16)
-    interleave = [q * 16 + j for j in range(16) for q in range(4)]
+    bp_flat = _flat(bp, g * nbs * kp * 16)
     with T.parallel(0, g * nbs) as t:
         gg, nb = t // nbs, t % nbs
+        base = bl.g_offset(gg)
+
+        def at(kk, col):
+            return base + kk * bl.row + col * bl.col
+
         with T.serial(0, kp // 4) as kq:
             out = ((gg * nbs + nb) * (kp // 4) + kq) * 64
-            with T.If(tirx.all(kq * 4 + 3 < k, nb * 16 + 16 <= n)):
+            edge = tirx.Not(tirx.all(kq * 4 + 3 < k, nb * 16 + 16 <= n))
+            if bl.col == 1:
+                rows = [b_flat[tirx.Ramp(at(kq * 4 + q, nb * 16), 1, 16)] for q in range(4)]
+                fast = tirx.Shuffle(rows, [q * 16 + j for j in range(16) for q in range(4)])
+            elif bl.row == 1:
+                cols = [b_flat[tirx.Ramp(at(kq * 4, nb * 16 + j), 1, 4)] for j in range(16)]
+                fast = tirx.Shuffle(cols, list(range(64)))
+            else:
+                fast, edge = None, tirx.const(True, "bool")
+            with T.If(edge):
                 with T.Then():
-                    rows = [
-                        b_flat[tirx.Ramp((gg * k + kq * 4 + q) * n + nb * 16, 1, 16)]
-                        for q in range(4)
-                    ]
-                    T.buffer_store(bp_flat, tirx.Shuffle(rows, interleave), [tirx.Ramp(out, 1, 64)])
-                with T.Else():
                     with T.serial(0, 4) as q:
                         with T.serial(0, 16) as j:
                             kk, col = kq * 4 + q, nb * 16 + j
-                            v = b[gg, tirx.min(kk, k - 1), tirx.min(col, n - 1)]
+                            v = b_flat[at(tirx.min(kk, k - 1), tirx.min(col, n - 1))]
                             ok = tirx.all(kk < k, col < n)
-                            T.buffer_store(bp, tirx.if_then_else(ok, v, zero), [gg, nb, kq, j, q])
+                            T.buffer_store(
+                                bp_flat, tirx.if_then_else(ok, v, zero), [out + j * 4 + q]
+                            )
+                if fast is not None:
+                    with T.Else():
+                        T.buffer_store(bp_flat, fast, [tirx.Ramp(out, 1, 64)])
 
 
-def _padded_row(dst, a, r, src, end, k: int, kp: int, dtype: str) -> None:
-    """dst[r, :] = a[src, :] zero padded to kp columns; zeros when src >= end."""
-    zero = tirx.const(0, dtype)
-    with T.If(src < end):
+def _padded_row(dst, a_flat, r, at, ok, k: int, kp: int) -> None:
+    """dst[r, :] = a_flat[at : at + k] zero padded to kp columns; zeros when not `ok`."""
+    zero = tirx.const(0, dst.dtype)
+    with T.If(ok):
         with T.Then():
             with T.serial(0, k // 16) as ko:
                 with T.vectorized(0, 16) as ki:
-                    T.buffer_store(dst, a[src, ko * 16 + ki], [r, ko * 16 + ki])
+                    T.buffer_store(dst, a_flat[at + ko * 16 + ki], [r, ko * 16 + ki])
             with T.serial(k // 16 * 16, kp) as kk:
-                T.buffer_store(dst, tirx.if_then_else(kk < k, a[src, kk], zero), [r, kk])
+                v = a_flat[at + tirx.min(kk, k - 1)]
+                T.buffer_store(dst, tirx.if_then_else(kk < k, v, zero), [r, kk])
         with T.Else():
             with T.serial(0, kp // 16) as ko:
                 with T.vectorized(0, 16) as ki:
                     T.buffer_store(dst, zero, [r, ko * 16 + ki])
 
 
-def _epilogue_row(y, cbuf, buf: int, r, row, col0, n: int, stages) -> None:
-    """y[row, col0:col0+32] = the Requantize `stages` applied in turn to cbuf[buf, r, :] (the
-    bias is already in C), vectorized. A block reaching past N computes its 32 values into a
-    small buffer (channel indices clamped) and copies the ones inside N."""
+def _epilogue_row(y, cbuf, buf: int, r, y_at, col0, n: int, stages) -> None:
+    """y[y_at : y_at + 32] = the Requantize `stages` applied in turn to cbuf[buf, r, :] (the
+    bias is already in C; columns col0 .. col0 + 31), vectorized. A block reaching past N
+    computes its 32 values into a small buffer (channel indices clamped) and copies the ones
+    inside N."""
 
     def value(j, clamp: bool):
         col = tirx.min(col0 + j, n - 1) if clamp else col0 + j
@@ -349,7 +404,7 @@ def _epilogue_row(y, cbuf, buf: int, r, row, col0, n: int, stages) -> None:
 
     def direct() -> None:
         with T.vectorized(0, BLOCK) as j:
-            T.buffer_store(y, value(j, False), [row, col0 + j])
+            T.buffer_store(y, value(j, False), [y_at + j])
 
     if n % BLOCK == 0:
         direct()
@@ -362,4 +417,4 @@ def _epilogue_row(y, cbuf, buf: int, r, row, col0, n: int, stages) -> None:
             with T.vectorized(0, BLOCK) as j:
                 T.buffer_store(ebuf, value(j, True), [j])
             with T.serial(0, n - col0) as j:
-                T.buffer_store(y, ebuf[j], [row, col0 + j])
+                T.buffer_store(y, ebuf[j], [y_at + j])

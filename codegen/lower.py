@@ -337,6 +337,31 @@ def _strides(shape: Sequence[int]) -> list[int]:
     return out[::-1]
 
 
+def fit_affine(flat: np.ndarray, shape: Sequence[int]) -> tuple[int, list[int]] | None:
+    """(base, coefficients) with flat[i] == base + sum_d c_d * i_d for every index i of `shape`
+    (`flat` given in row-major order), else None."""
+    shape = [int(d) for d in shape]
+    flat = np.asarray(flat, dtype=np.int64).reshape(shape)
+    base = int(flat.reshape(-1)[0]) if flat.size else 0
+    coeffs = []
+    for d, extent in enumerate(shape):
+        unit = [0] * len(shape)
+        unit[d] = 1 if extent > 1 else 0
+        coeffs.append(int(flat[tuple(unit)]) - base if extent > 1 else 0)
+    grid = np.indices(shape, dtype=np.int64)
+    predicted = base + sum(c * grid[d] for d, c in enumerate(coeffs))
+    return (base, coeffs) if np.array_equal(predicted, flat) else None
+
+
+def view_affine(view: View) -> tuple[int, list[int]] | None:
+    """The view's element offsets in its source as base + sum_d c_d * i_d, else None."""
+    grid = [a.reshape(-1) for a in np.indices(view.shape, dtype=np.int64)]
+    at = view.index(grid)
+    strides = _strides(view.source_shape)
+    flat = sum(np.asarray(i, np.int64) * st for i, st in zip(at, strides, strict=True))
+    return fit_affine(np.broadcast_to(flat, grid[0].shape if grid else ()), view.shape)
+
+
 def reshape_index(src_shape: Sequence[int], out_shape: Sequence[int]) -> IndexMap:
     """Index into a tensor of `src_shape` -> index of the same row-major element after a reshape
     to `out_shape`."""
