@@ -270,22 +270,24 @@ def gemm_amx_func(
                 cbuf = T.alloc_buffer((2, BLOCK, BLOCK), "int32", align=64)
                 c_flat = _flat(cbuf, 2 * BLOCK * BLOCK)
 
-                def compute(src, src_at, stride: int, nb, buf: int) -> None:
-                    """C of output block nb -> cbuf[buf]; A row r at src[src_at + r * stride]."""
-                    for t, _, c in CORNERS:  # C = bias (one row repeated) or 0
+                def compute(src, src_at, stride: int, nb, buf: int, half: bool) -> None:
+                    """C of output block nb -> cbuf[buf]; A row r at src[src_at + r * stride].
+                    half: the block's first 16 rows only (C tiles 0-1, A tile 4)."""
+                    corners = CORNERS[:2] if half else CORNERS
+                    for t, _, c in corners:  # C = bias (one row repeated) or 0
                         if bias_t is not None:
                             tiles.load(t, bias_t, nb * BLOCK + c, 0)
                         else:
                             tiles.zero(t)
                     with T.serial(0, kp // KSTEP) as kb:
 
-                        def a_tile(half, kb=kb):
-                            off = src_at + half * TILE_ROWS * stride + kb * KSTEP
-                            tiles.load(A_TILES[half], src, off, stride)
+                        def a_tile(i, kb=kb):
+                            off = src_at + i * TILE_ROWS * stride + kb * KSTEP
+                            tiles.load(A_TILES[i], src, off, stride)
 
-                        def b_tile(half, kb=kb):
-                            kq = (nb * 2 + half) * (kp // 4) + kb * TILE_ROWS
-                            tiles.load(B_TILES[half], bp_flat, gg * b_stride_g + kq * 64, 64)
+                        def b_tile(i, kb=kb):
+                            kq = (nb * 2 + i) * (kp // 4) + kb * TILE_ROWS
+                            tiles.load(B_TILES[i], bp_flat, gg * b_stride_g + kq * 64, 64)
 
                         # loads interleaved with the multiplies that wait for them
                         a_tile(0)
@@ -293,10 +295,11 @@ def gemm_amx_func(
                         tiles.dot(*DOTS[0])
                         b_tile(1)
                         tiles.dot(*DOTS[1])
-                        a_tile(1)
-                        tiles.dot(*DOTS[2])
-                        tiles.dot(*DOTS[3])
-                    for t, r, c in CORNERS[: 1 if probe == "compute_only" else 4]:
+                        if not half:
+                            a_tile(1)
+                            tiles.dot(*DOTS[2])
+                            tiles.dot(*DOTS[3])
+                    for t, r, c in corners[: 1 if probe == "compute_only" else 4]:
                         tiles.store(t, c_flat, (buf * BLOCK + r) * BLOCK + c, BLOCK)
 
                 def epilogue(nb, buf: int) -> None:
@@ -306,26 +309,37 @@ def gemm_amx_func(
                         y_at = y_row0 + r * yl.row + nb * BLOCK
                         _epilogue_row(y, cbuf, buf, r, y_at, nb * BLOCK, n, stages)
 
-                def blocks(src, src_at, stride: int) -> None:
+                def blocks(src, src_at, stride: int, half: bool) -> None:
                     """The task's `per` output blocks (unrolled), epilogues one block behind;
                     A row r of the block at src[src_at + r * stride]."""
                     for i in range(per):
-                        compute(src, src_at, stride, nc * per + i, i % 2)
+                        compute(src, src_at, stride, nc * per + i, i % 2, half)
                         if i > 0:
                             epilogue(nc * per + i - 1, (i - 1) % 2)
                     epilogue(nc * per + per - 1, (per - 1) % 2)
 
-                # the block's last byte read: row 31, k-steps up to kp
-                in_bounds = a_row0 + (BLOCK - 1) * al.row + kp <= al.size
-                with T.If(in_bounds):
-                    with T.Then():
-                        blocks(a_flat, a_row0, al.row)
-                    with T.Else():
-                        panel = T.alloc_buffer((BLOCK, kp), a_dtype, align=64)
-                        with T.serial(0, BLOCK) as r:
-                            ok = mb * BLOCK + r < m
-                            _padded_row(panel, a_flat, r, a_row0 + r * al.row, ok, k, kp)
-                        blocks(_flat(panel, BLOCK * kp), 0, kp)
+                def place(half: bool) -> None:
+                    """A read in place where every byte the tiles read lies inside it (the
+                    block's last row, k-steps up to kp), else from a zero-padded copy."""
+                    last_row = (TILE_ROWS if half else BLOCK) - 1
+                    with T.If(a_row0 + last_row * al.row + kp <= al.size):
+                        with T.Then():
+                            blocks(a_flat, a_row0, al.row, half)
+                        with T.Else():
+                            panel = T.alloc_buffer((BLOCK, kp), a_dtype, align=64)
+                            with T.serial(0, BLOCK) as r:
+                                ok = mb * BLOCK + r < m
+                                _padded_row(panel, a_flat, r, a_row0 + r * al.row, ok, k, kp)
+                            blocks(_flat(panel, BLOCK * kp), 0, kp, half)
+
+                if 0 < m % BLOCK <= TILE_ROWS:  # the last block of each g: half a block
+                    with T.If(mb == mblocks - 1):
+                        with T.Then():
+                            place(True)
+                        with T.Else():
+                            place(False)
+                else:
+                    place(False)
                 tiles.release()
     return ib.get()
 
