@@ -2,8 +2,13 @@
 contenders interleaved for --rounds rounds, medians and ratios (peer median / intq median).
 
     python benchmarks/cpu.py --model deit_tiny --batch 1 --rounds 10          # all here
-    python benchmarks/cpu.py --prepare DIR --model deit_small --batch 1 8 --mcpu cascadelake
+    python benchmarks/cpu.py --prepare DIR --model deit_small --batch 1 8 --mcpu sapphirerapids
     taskset -c 0,1 python3 benchmarks/cpu.py --run DIR --threads 2             # on the device
+
+Models (--model): deit_tiny, deit_small, vit_digits, resnet18 (224x224 images) and minilm
+(all-MiniLM-L6-v2 at sequence 128, compiled from the packaged pretrained weights with its
+accuracy config; the device's PyTorch / ORT contenders use its architecture with random
+weights). --mcpu sapphirerapids builds the AMX kernels, cascadelake the AVX-512 VNNI ones.
 
 ORT INT8 is timed in both recipes (static QDQ, per-channel s8 weights, u8 activations, through
 onnxruntime.quantization.quantize_static; and quantize_dynamic) and the faster one is reported

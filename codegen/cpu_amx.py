@@ -5,22 +5,29 @@ C[16, 16] int32 += A[16, 64] . B[64, 16] with exact int32 sums (no saturation), 
 VNNI layout B[16 k-quads][16 columns][4] (row kq of the tile = 64 bytes: column j's four k).
 
 Kernel (`gemm_amx_func`): y[g, i, j] = epilogue(sum_k A[g, i, k] B[g, k, j] + bias[j]), the
-epilogue being the Requantize folded in (`fixedpoint.requantize_dyadic`, the reference's own
-formula) or none. B is a constant packed at compile time (`pack_weight_amx`: dense layers, one
-B for every g) or a tensor packed per call inside the kernel (batched matmul).
+epilogue being the Requantize stages folded in, applied in turn (`fixedpoint.requantize_dyadic`,
+the reference's own formula), or none. B is a constant packed at compile time
+(`pack_weight_amx`: dense layers, one B for every g) or a tensor packed per call inside the
+kernel (batched matmul). A, B and y are flat buffers addressed through a `Layout` (affine in g's
+digits, the row and the column), so an operand can be a view inside another tensor (a q head
+inside the qkv projection's output) and y can be written in another tensor's layout (the
+merged heads).
 
 Register use (one configuration, every tile 16 rows x 64 bytes): C tiles 0-3 hold a 32 x 32
 output block, A tiles 4-5 its two 16-row slices, B tiles 6-7 its two 16-column slices; per
-64-deep k-step two A loads, two B loads and four tile multiplies. Each parallel task owns one
-32-row block of one g and a chunk of 32-column blocks; it loads the tile configuration, and
-per output block zeroes C, runs the k loop, stores C to a [32, 32] int32 buffer and applies
-the epilogue while writing y.
+64-deep k-step two A loads, two B loads and four tile multiplies, each load issued just before
+the first multiply that needs it. C starts from the bias (a stride-0 tile load), so the
+epilogue's product is int32 x int32. Each parallel task owns one 32-row block of one g and a
+chunk of 32-column blocks (unrolled); it loads the tile configuration, and per output block
+runs the k loop and stores C to one of two [32, 32] int32 buffers; a block's epilogue is issued
+after the next block's multiplies, so vector and tile work overlap. A last row block of at most
+16 rows runs as half a block (A tile 4, C tiles 0-1).
 
-Padding without copies: A is read in place, rows of 64 bytes at stride K. A k-step past K
-reads the next row's bytes and a row past M the next rows: both meet zero rows of the packed
-B (B is zero for k >= K) or land in output rows that are never written, so they cannot change
-a result. Only a block whose reads would pass the end of A copies its rows to a zero-padded
-[32, Kp] buffer first.
+Padding without copies: A is read in place, rows of 64 bytes at the layout's row stride. A
+k-step past K reads bytes after the row and a row past M later rows: both meet zero rows of the
+packed B (B is zero for k >= K) or land in output rows that are never written, so they cannot
+change a result. Only a block whose reads would pass the end of A's buffer copies its rows to a
+zero-padded [32, Kp] buffer first.
 
 `emulate=True` builds the same kernel with each tile instruction replaced by TIR loops over a
 tile register file in memory (same addresses, same arithmetic): it runs on any CPU, so the
