@@ -667,7 +667,8 @@ class CpuKernels:
         # kernel, docs/PERFORMANCE.md)
         rq_node, rq = ctx.epilogue_requant(node)
         split = None
-        if self.amx and isa == self.isa:  # q / k / v heads: Requantized in the epilogue
+        if self.amx and isa == self.isa and ctx.dtypes[node.input[0]] in ("int8", "uint8"):
+            # q / k / v heads: Requantized in the epilogue
             split = requant_split(ctx, (rq_node or node).output[0])
         if split is not None:
             rqs = [r for r in (rq, split.rq) if r is not None]

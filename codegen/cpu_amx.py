@@ -16,11 +16,12 @@ merged heads).
 Register use (one configuration, every tile 16 rows x 64 bytes): C tiles 0-3 hold a 32 x 32
 output block, A tiles 4-5 its two 16-row slices, B tiles 6-7 its two 16-column slices; per
 64-deep k-step two A loads, two B loads and four tile multiplies, each load issued just before
-the first multiply that needs it. C starts from the bias (a stride-0 tile load), so the
-epilogue's product is int32 x int32. Each parallel task owns one 32-row block of one g and a
-chunk of 32-column blocks (unrolled); it loads the tile configuration, and per output block
-runs the k loop and stores C to one of two [32, 32] int32 buffers; a block's epilogue is issued
-after the next block's multiplies, so vector and tile work overlap. A last row block of at most
+the first multiply that needs it. A dense GEMM's C starts from the bias (a stride-0 tile
+load), so the epilogue's product is int32 x int32; a batched matmul's from zero. Each parallel
+task owns one 32-row block of one g and a chunk of 32-column blocks (unrolled); it loads the
+tile configuration, and per output block runs the k loop and stores C to one of two [32, 32]
+int32 buffers; a block's epilogue is issued after the next block's multiplies, so vector and
+tile work overlap. A last row block of at most
 16 rows runs as half a block (A tile 4, C tiles 0-1).
 
 Padding without copies: A is read in place, rows of 64 bytes at the layout's row stride. A

@@ -1,4 +1,4 @@
-"""The AMX-INT8 dense GEMM of cpu-int8 (codegen/cpu_amx.py).
+"""The AMX-INT8 GEMM / batched matmul kernel of cpu-int8 (codegen/cpu_amx.py).
 
 Everywhere: the ISA choice, the AMX weight layout (in numpy, against a plain int64 matmul), and
 that every case builds for a Sapphire Rapids target with tile multiplies in the code. On a host
@@ -6,9 +6,11 @@ with amx_int8 the built kernels also run and must equal the reference interprete
 Elsewhere that part runs on the device Xeon: `python tests/test_cpu_amx.py --prepare DIR` here,
 `python benchmarks/run_cases.py DIR` there (runtime only; docs/PERFORMANCE.md).
 
-The cases cover the kernel's paths: full 32-row blocks read in place, a partial last block
-(padded copy), K % 64 != 0 (everything copied), N % 32 != 0 (guarded epilogue), a uint8 left
-operand (tdpbusd), per-tensor and per-channel Requantize folded in, and an im2col convolution.
+The cases cover the kernel's paths: full 32-row blocks read in place, a last block of at most
+16 rows (half a block; read from a zero-padded copy where its reads would pass the end of A),
+K % 64 != 0 (k-steps past K meet zero rows of B), N % 32 != 0 (the last column block's
+epilogue through a small buffer), a uint8 left operand (tdpbusd), per-tensor and per-channel
+Requantize folded in, batched matmuls with B packed per call, and an im2col convolution.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def test_pick_isa_amx():
     assert pick_isa(AMX_TARGET) == "amx"
     assert pick_isa(compat.cpu_target(mcpu="cascadelake")) == "avx512vnni"
     k = CpuKernels(AMX_TARGET)
-    assert k.amx and k.isa == "avx512vnni"  # batched matmuls keep the VNNI kernel
+    assert k.amx and k.isa == "avx512vnni"  # what AMX does not cover (int16 GEMMs) keeps VNNI
 
 
 @pytest.mark.parametrize("k,n", [(37, 40), (64, 32), (150, 1000)])
