@@ -768,11 +768,13 @@ class CpuKernels:
                 b,
                 name="int8_conv_grouped",
             )
-        cols = ctx.bb.emit_te(
-            lambda x: im2col(x, kh, kw, strides, dil, pads, oh, ow),
+        # 6-D im2col (no per-element divisions), parallel over its outer loops; as 2-D: a view
+        cols6 = ctx.emit_te(
+            lambda x: im2col(x, kh, kw, strides, dil, pads, oh, ow, flat=False),
             ctx.value(node.input[0]),
-            primfunc_name_hint="im2col",
+            name="im2col",
         )
+        cols = ctx.bb.emit(relax.op.reshape(cols6, (n * oh * ow, c * kh * kw)))
         w_kn = ctx.const(node.input[1]).reshape(m, -1).T
         bias = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         y = self._gemm(ctx, cols, np.ascontiguousarray(w_kn), bias)  # [n*oh*ow, m]
@@ -868,21 +870,27 @@ def grouped_conv_te(x, w, bias, group: int, strides, dil, pads, out_shape):
     return te.compute(y.shape, lambda b, mo, oy, ox: y[b, mo, oy, ox] + bias[mo], name="conv_y")
 
 
-def im2col(x, kh, kw, strides, dil, pads, oh, ow):
-    """cols[(b, oy, ox), (c, i, j)] = x[b, c, oy*sh + i*dh - pt, ox*sw + j*dw - pl] (0 outside)."""
+def im2col(x, kh, kw, strides, dil, pads, oh, ow, flat: bool = True):
+    """cols[(b, oy, ox), (c, i, j)] = x[b, c, oy*sh + i*dh - pt, ox*sw + j*dw - pl] (0 outside).
+    flat=False: the same elements as a 6-D [b, oy, ox, c, i, j] tensor (row-major identical, so
+    a reshape to 2-D is free), indexed without the per-element divisions of the 2-D form."""
     n, c, h, w = (int(s) for s in x.shape)
     zero = tirx.const(0, x.dtype)
 
-    def f(r, q):
-        b, rem = r // (oh * ow), r % (oh * ow)
-        oy, ox = rem // ow, rem % ow
-        ci, rem2 = q // (kh * kw), q % (kh * kw)
-        i, j = rem2 // kw, rem2 % kw
+    def tap(b, oy, ox, ci, i, j):
         y = oy * strides[0] + i * dil[0] - pads[0]
         xx = ox * strides[1] + j * dil[1] - pads[1]
         inside = tirx.all(y >= 0, y < h, xx >= 0, xx < w)
         yc, xc = tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)
         return tirx.if_then_else(inside, x[b, ci, yc, xc], zero)
+
+    if not flat:
+        return te.compute((n, oh, ow, c, kh, kw), tap, name="im2col")
+
+    def f(r, q):
+        b, rem = r // (oh * ow), r % (oh * ow)
+        ci, rem2 = q // (kh * kw), q % (kh * kw)
+        return tap(b, rem // ow, rem % ow, ci, rem2 // kw, rem2 % kw)
 
     return te.compute((n * oh * ow, c * kh * kw), f, name="im2col")
 
