@@ -777,9 +777,18 @@ class CpuKernels:
         cols = ctx.bb.emit(relax.op.reshape(cols6, (n * oh * ow, c * kh * kw)))
         w_kn = ctx.const(node.input[1]).reshape(m, -1).T
         bias = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        y = self._gemm(ctx, cols, np.ascontiguousarray(w_kn), bias)  # [n*oh*ow, m]
+        # the Requantize after the conv (per output channel: a column of the GEMM) in the
+        # epilogue, so the NHWC -> NCHW permute moves 8-bit values, not int32
+        rq_node, rq = ctx.sole_consumer(node.output[0], "Requantize"), None
+        if rq_node is not None:
+            rq = ctx.last_axis_requant(rq_node, 4, m, axis=1)
+            rq_node = rq_node if rq is not None else None
+        y = self._gemm(ctx, cols, np.ascontiguousarray(w_kn), bias, rq)  # [n*oh*ow, m]
         y = ctx.bb.emit(relax.op.reshape(y, (n, oh, ow, m)))
-        return ctx.bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+        out = ctx.bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+        if rq_node is not None:
+            ctx.bind_folded(rq_node, out)
+        return out
 
 
 def _flat(ctx, x: relax.Expr) -> relax.Expr:

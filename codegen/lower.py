@@ -148,10 +148,13 @@ class LowerCtx:
         lo, hi = requant_bounds(attrs)
         return int(b.reshape(())), int(c.reshape(())), lo, hi, out_dtype(attrs).name
 
-    def last_axis_requant(self, node: onnx.NodeProto, ndim: int, channels: int) -> tuple | None:
+    def last_axis_requant(
+        self, node: onnx.NodeProto, ndim: int, channels: int, axis: int = -1
+    ) -> tuple | None:
         """(b, c, lo, hi, dtype) of a Requantize node that a kernel producing an `ndim`-D tensor
-        with `channels` on its last axis can apply in its epilogue: b, c python ints (per-tensor)
-        or int32 arrays of length `channels` (per-channel along the last axis); else None."""
+        with `channels` on axis `axis` (default: the last) can apply in its epilogue: b, c python
+        ints (per-tensor) or int32 arrays of length `channels` (per-channel along that axis);
+        else None."""
         if node.input[1] not in self.consts or node.input[2] not in self.consts:
             return None
         b, c = self.consts[node.input[1]].reshape(-1), self.consts[node.input[2]].reshape(-1)
@@ -160,7 +163,7 @@ class LowerCtx:
         dt = out_dtype(attrs).name
         if b.size == 1 and c.size == 1:
             return int(b[0]), int(c[0]), lo, hi, dt
-        if b.size != channels or c.size != channels or int(attrs["axis"]) % ndim != ndim - 1:
+        if b.size != channels or c.size != channels or int(attrs["axis"]) % ndim != axis % ndim:
             return None
         return b.astype(np.int32), c.astype(np.int32), lo, hi, dt
 
