@@ -768,14 +768,15 @@ class CpuKernels:
                 b,
                 name="int8_conv_grouped",
             )
-        # 6-D im2col (no per-element divisions), parallel over its outer loops; as 2-D: a view
+        # channel-innermost im2col (contiguous copies, no per-element divisions), parallel over
+        # its outer loops; as 2-D: a view. K is ordered (i, j, c): the weights to match.
         cols6 = ctx.emit_te(
-            lambda x: im2col(x, kh, kw, strides, dil, pads, oh, ow, flat=False),
+            lambda x: im2col_nhwc(x, kh, kw, strides, dil, pads, oh, ow),
             ctx.value(node.input[0]),
             name="im2col",
         )
         cols = ctx.bb.emit(relax.op.reshape(cols6, (n * oh * ow, c * kh * kw)))
-        w_kn = ctx.const(node.input[1]).reshape(m, -1).T
+        w_kn = ctx.const(node.input[1]).transpose(2, 3, 1, 0).reshape(-1, m)
         bias = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         # the Requantize after the conv (per output channel: a column of the GEMM) in the
         # epilogue, so the NHWC -> NCHW permute moves 8-bit values, not int32
@@ -879,29 +880,43 @@ def grouped_conv_te(x, w, bias, group: int, strides, dil, pads, out_shape):
     return te.compute(y.shape, lambda b, mo, oy, ox: y[b, mo, oy, ox] + bias[mo], name="conv_y")
 
 
-def im2col(x, kh, kw, strides, dil, pads, oh, ow, flat: bool = True):
-    """cols[(b, oy, ox), (c, i, j)] = x[b, c, oy*sh + i*dh - pt, ox*sw + j*dw - pl] (0 outside).
-    flat=False: the same elements as a 6-D [b, oy, ox, c, i, j] tensor (row-major identical, so
-    a reshape to 2-D is free), indexed without the per-element divisions of the 2-D form."""
+def _tap(oy, ox, i, j, strides, dil, pads, h: int, w: int):
+    """(inside, y, x) of kernel tap (i, j) at output pixel (oy, ox): the input pixel, clamped
+    into the image, and whether it lies inside (else the tap reads the zero padding)."""
+    y = oy * strides[0] + i * dil[0] - pads[0]
+    xx = ox * strides[1] + j * dil[1] - pads[1]
+    inside = tirx.all(y >= 0, y < h, xx >= 0, xx < w)
+    return inside, tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)
+
+
+def im2col(x, kh, kw, strides, dil, pads, oh, ow):
+    """cols[(b, oy, ox), (c, i, j)] = x[b, c, oy*sh + i*dh - pt, ox*sw + j*dw - pl] (0 outside)."""
     n, c, h, w = (int(s) for s in x.shape)
     zero = tirx.const(0, x.dtype)
-
-    def tap(b, oy, ox, ci, i, j):
-        y = oy * strides[0] + i * dil[0] - pads[0]
-        xx = ox * strides[1] + j * dil[1] - pads[1]
-        inside = tirx.all(y >= 0, y < h, xx >= 0, xx < w)
-        yc, xc = tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)
-        return tirx.if_then_else(inside, x[b, ci, yc, xc], zero)
-
-    if not flat:
-        return te.compute((n, oh, ow, c, kh, kw), tap, name="im2col")
 
     def f(r, q):
         b, rem = r // (oh * ow), r % (oh * ow)
         ci, rem2 = q // (kh * kw), q % (kh * kw)
-        return tap(b, rem // ow, rem % ow, ci, rem2 // kw, rem2 % kw)
+        inside, y, xx = _tap(rem // ow, rem % ow, rem2 // kw, rem2 % kw, strides, dil, pads, h, w)
+        return tirx.if_then_else(inside, x[b, ci, y, xx], zero)
 
     return te.compute((n * oh * ow, c * kh * kw), f, name="im2col")
+
+
+def im2col_nhwc(x, kh, kw, strides, dil, pads, oh, ow):
+    """From an NCHW input: cols[b, oy, ox, i, j, c] = x[b, c, oy*sh + i*dh - pt, ...] (0
+    outside) in two stages, an NHWC copy of x, then the taps with the channel innermost, so
+    both stages' inner loops are contiguous copies (reshaped to [(b, oy, ox), (i, j, c)] the
+    GEMM's left operand, for weights ordered (i, j, c) along K)."""
+    n, c, h, w = (int(s) for s in x.shape)
+    zero = tirx.const(0, x.dtype)
+    xh = te.compute((n, h, w, c), lambda b, y, xx, ci: x[b, ci, y, xx], name="nhwc")
+
+    def f(b, oy, ox, i, j, ci):
+        inside, y, xx = _tap(oy, ox, i, j, strides, dil, pads, h, w)
+        return tirx.if_then_else(inside, xh[b, y, xx, ci], zero)
+
+    return te.compute((n, oh, ow, kh, kw, c), f, name="im2col")
 
 
 def _plain_matmul(ctx, node) -> relax.Expr:
