@@ -10,6 +10,11 @@ Models (--model): deit_tiny, deit_small, vit_digits, resnet18 (224x224 images) a
 accuracy config; the device's PyTorch / ORT contenders use its architecture with random
 weights). --mcpu sapphirerapids builds the AMX kernels, cascadelake the AVX-512 VNNI ones.
 
+Before each contender's turn the harness idles --gap-ms (default 300): without it the previous
+contender's spinning worker threads slowed the next one (ORT's INT8 sessions ran 1.6-1.8x slower
+right after the FP32 session here; see interleave). Figures in docs/ before 2026-12-01 04:00
+were taken with no gap.
+
 ORT INT8 is timed in both recipes (static QDQ, per-channel s8 weights, u8 activations, through
 onnxruntime.quantization.quantize_static; and quantize_dynamic) and the faster one is reported
 as "ORT best INT8". Also printed: intq compile time, artifact size and the peak resident memory
@@ -221,12 +226,21 @@ def ort_sessions(
 # ------------------------------------------------------------------------------ timing
 
 
-def interleave(contenders: dict[str, Callable], rounds: int, inner: int) -> dict[str, float]:
+def interleave(
+    contenders: dict[str, Callable], rounds: int, inner: int, gap_s: float = 0.0
+) -> dict[str, float]:
+    """Median ms per contender over `rounds` rounds of `inner` calls each. `gap_s`: idle time
+    before each contender's turn. Runtimes keep their worker threads spinning for a while after
+    a call (ONNX Runtime's intra-op pool, PyTorch's OpenMP, TVM's pool); on few cores those
+    spinners take the cores from whoever runs next: here (2 cores, DeiT-Tiny b1) intq took
+    19 ms alone, 35 ms right after a PyTorch call and 79 ms right after an ORT FP32 call."""
     for fn in contenders.values():  # warm up
         fn()
     samples: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
+            if gap_s:
+                time.sleep(gap_s)
             samples[name] += [timed(fn) for _ in range(inner)]
     return {k: float(np.median(v)) for k, v in samples.items()}
 
@@ -375,7 +389,7 @@ def run_case(tag, meta, xs, intq_fn, ref, float_onnx, args, so_path) -> dict:
         contenders = {"intq": intq_fn, **ort_fns}
         contenders["PyTorch FP32"] = lambda: torch.inference_mode()(model)(*xts)
         exact = ref is None or np.array_equal(intq_fn(), ref)
-        med = interleave(contenders, args.rounds, args.inner)
+        med = interleave(contenders, args.rounds, args.inner, args.gap_ms / 1e3)
         rss = {}
         xp = os.path.join(wd, "x.npz")
         save_inputs(xp, xs)
@@ -453,6 +467,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--inner", type=int, default=3, help="calls per contender per round")
+    ap.add_argument(
+        "--gap-ms",
+        type=float,
+        default=300.0,
+        help="idle ms before each contender's turn (lets the previous one's spinning threads "
+        "stop; see interleave)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="default: CPUs of this process")
     ap.add_argument("--mcpu", default=None, help="LLVM CPU to compile for (default: host)")
     ap.add_argument("--check", action="store_true", help="local: also compare to the reference")
