@@ -2,6 +2,7 @@
 multiplied by its call count in `main`, grouped by kernel name.
 
     python benchmarks/kernels.py --model deit_tiny --batch 1                 # here
+    (--model: any of benchmarks/cpu.py's models, compiled the same way)
     python benchmarks/kernels.py --model deit_small --batch 1 8 --export DIR --mcpu cascadelake
     taskset -c 0,1 python3 kernels.py --run DIR --threads 2                    # runtime only
 
@@ -19,14 +20,12 @@ import collections
 import json
 import os
 import re
+import sys
 
 import numpy as np
 
-MODELS = {
-    "deit_tiny": ("deit_tiny", (3, 224, 224)),
-    "deit_small": ("deit_small", (3, 224, 224)),
-    "vit_digits": ("vit_digits", (1, 8, 8)),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu import MODELS, compile_case  # noqa: E402 - the models benchmarks/cpu.py measures
 
 
 def manifest(integer_onnx, target) -> list[dict]:
@@ -53,18 +52,8 @@ def manifest(integer_onnx, target) -> list[dict]:
 
 
 def compile_model(name: str, batch: int, mcpu: str | None):
-    import torch
-
-    import intq
-    from intq.config import CompileConfig
-    from intq.models import vit
-
-    fn, shape = MODELS[name]
-    torch.manual_seed(0)
-    x = torch.randn(batch, *shape)
-    return intq.compile(
-        getattr(vit, fn)().eval(), x, calibration=[x], config=CompileConfig(cpu_mcpu=mcpu)
-    )
+    """The compiled model, exactly as benchmarks/cpu.py compiles it."""
+    return compile_case(name, batch, mcpu)[2]
 
 
 def time_kernels(lib, kernels: list[dict], dev, number: int = 5, repeat: int = 3) -> None:
@@ -100,7 +89,7 @@ def whole_model(so: str, threads: int, calls: int = 20) -> None:
     from intq.codegen import compat
 
     ex = runtime.load(so, threads=threads)
-    xs = [np.zeros(s.shape, np.float32) for s in ex.signature.inputs]
+    xs = [np.zeros(s.shape, s.dtype) for s in ex.signature.inputs]
     q = boundary.quantize_inputs(ex.signature.inputs, xs)
     args = [compat.to_device_tensor(a, tvm.cpu()) for a in q]
     main = ex._vm["main"]
