@@ -21,7 +21,7 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
 from intq.codegen import compat, cpu_amx, te_ops
-from intq.codegen.lower import fit_affine, requant_split, view_affine
+from intq.codegen.lower import fit_affine, index_offsets, requant_split, view_affine
 from intq.errors import LoweringError
 
 # ----------------------------------------------------------------------------------------------
@@ -164,15 +164,11 @@ def pick_isa(target: tvm.target.Target) -> str:
     return "generic"
 
 
-def _ceil(a, b):
-    return (a + b - 1) // b * b
-
-
 def pack_weight(w_kn: np.ndarray, nl: int, nt: int, kg: int = 2) -> np.ndarray:
     """int8 W[K, N] -> Wp[Np/nl, Kp/kg, nl, kg] (zero padded: Kp multiple of kg, at least 2 kg so
     the K loop never has extent 1 (the scheduler drops unit loops), Np multiple of nt)."""
     k, n = w_kn.shape
-    kp, np_ = max(_ceil(k, kg), 2 * kg), _ceil(n, nt)
+    kp, np_ = max(cpu_amx.round_up(k, kg), 2 * kg), cpu_amx.round_up(n, nt)
     wpad = np.zeros((kp, np_), np.int8)
     wpad[:k, :n] = w_kn
     return np.ascontiguousarray(wpad.reshape(kp // kg, kg, np_ // nl, nl).transpose(2, 0, 3, 1))
@@ -555,7 +551,7 @@ class CpuKernels:
         """[M, K] int8 (or int16) x constant [K, N] int8 (+ bias) -> [M, N] int32, or Requantize
         of it when `rq` = (b, c, lo, hi, dtype) (ints, or int32 arrays per column) is folded in."""
         isa = isa or self.isa
-        if self.amx and isa == self.isa and str(x2d.ty.dtype) in ("int8", "uint8"):
+        if self._on_amx(isa, str(x2d.ty.dtype)):
             return self._gemm_amx(ctx, x2d, w_kn, bias, [rq] if rq is not None else [])
         _, nl, mr, nt = ISA_PARAMS[isa]
         kg = KGROUP.get(isa, 2)
@@ -586,12 +582,16 @@ class CpuKernels:
             primfunc_attrs=self._attrs("dense", isa),
         )
 
+    def _on_amx(self, isa: str, a_dtype: str) -> bool:
+        """Whether a GEMM of flavour `isa` with an `a_dtype` left operand runs on AMX tiles."""
+        return self.amx is not None and isa == self.isa and a_dtype in ("int8", "uint8")
+
     def _gemm_amx(self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias, rqs) -> relax.Expr:
         """The AMX form of _gemm (s8 or u8 left operand; no sign-flip compensation needed);
         `rqs`: the Requantizes its epilogue applies in turn (see cpu_amx.gemm_amx_func)."""
         m, k = (int(d) for d in x2d.ty.shape)
         n = w_kn.shape[1]
-        bias_pad = np.zeros(-(-n // cpu_amx.BLOCK) * cpu_amx.BLOCK, np.int32)  # C starts from it
+        bias_pad = np.zeros(cpu_amx.round_up(n, cpu_amx.BLOCK), np.int32)  # C starts from it
         if bias is not None:
             bias_pad[:n] = np.asarray(bias, np.int64).reshape(n)
         args = [_flat(ctx, x2d), relax.const(cpu_amx.pack_weight_amx(w_kn.astype(np.int8)))]
@@ -667,8 +667,7 @@ class CpuKernels:
         # kernel, docs/PERFORMANCE.md)
         rq_node, rq = ctx.epilogue_requant(node)
         split = None
-        if self.amx and isa == self.isa and ctx.dtypes[node.input[0]] in ("int8", "uint8"):
-            # q / k / v heads: Requantized in the epilogue
+        if self._on_amx(isa, ctx.dtypes[node.input[0]]):  # q / k / v heads: in the epilogue
             split = requant_split(ctx, (rq_node or node).output[0])
         if split is not None:
             rqs = [r for r in (rq, split.rq) if r is not None]
@@ -808,26 +807,14 @@ def _merged_layout(ctx, split) -> tuple[Any, cpu_amx.Layout] | None:
     size = int(np.prod(lshape))
     if size != int(np.prod(split.shape)):
         return None
-    grid = [a.reshape(-1) for a in np.indices(lshape, dtype=np.int64)]
-    at = index(grid)
-    strides = _strides_of(split.shape)
-    tflat = sum(np.asarray(i, np.int64) * st for i, st in zip(at, strides, strict=True))
-    pos = np.empty(size, np.int64)
-    pos[np.broadcast_to(tflat, (size,))] = np.arange(size)
+    pos = np.empty(size, np.int64)  # split tensor's offset -> the leaf's offset (a permutation)
+    pos[index_offsets(index, lshape, split.shape)] = np.arange(size)
     fit = fit_affine(pos, split.shape)
     if fit is None or fit[1][-1] != 1:
         return None
     base, coeffs = fit
     gdims = tuple((int(e), int(c)) for e, c in zip(split.shape[:-2], coeffs[:-2], strict=True))
     return leaf, cpu_amx.Layout(size, int(base), gdims, int(coeffs[-2]), 1)
-
-
-def _strides_of(shape) -> list[int]:
-    out, acc = [], 1
-    for d in reversed(shape):
-        out.append(acc)
-        acc *= int(d)
-    return out[::-1]
 
 
 def _view_layout(ctx, name: str, need_k_contiguous: bool) -> cpu_amx.Layout | None:

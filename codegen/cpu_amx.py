@@ -57,7 +57,8 @@ DOTS = ((0, 4, 6), (1, 4, 7), (2, 5, 6), (3, 5, 7))
 CORNERS = ((0, 0, 0), (1, 0, 16), (2, 16, 0), (3, 16, 16))
 
 
-def _ceil(a: int, b: int) -> int:
+def round_up(a: int, b: int) -> int:
+    """a rounded up to a multiple of b."""
     return (a + b - 1) // b * b
 
 
@@ -65,7 +66,7 @@ def pack_weight_amx(w_kn: np.ndarray) -> np.ndarray:
     """int8 W[K, N] -> Wp[Np/16, Kp/4, 16, 4], Kp = K rounded up to 64, Np to 32, zero padded:
     Wp[nb, kq, j, q] = W[4 kq + q, 16 nb + j]."""
     k, n = w_kn.shape
-    kp, np_ = _ceil(k, KSTEP), _ceil(n, BLOCK)
+    kp, np_ = round_up(k, KSTEP), round_up(n, BLOCK)
     wpad = np.zeros((kp, np_), np.int8)
     wpad[:k, :n] = w_kn
     return np.ascontiguousarray(wpad.reshape(kp // 4, 4, np_ // 16, 16).transpose(2, 0, 3, 1))
@@ -233,8 +234,8 @@ def gemm_amx_func(
     probe (benchmarks/amx_probe.py only; wrong results): "no_epilogue" drops the epilogue,
     "compute_only" also three of the four C stores, to time the parts of the kernel apart.
     """
-    kp, np_ = _ceil(k, KSTEP), _ceil(n, BLOCK)
-    mblocks, nblocks = _ceil(m, BLOCK) // BLOCK, np_ // BLOCK
+    kp, np_ = round_up(k, KSTEP), round_up(n, BLOCK)
+    mblocks, nblocks = round_up(m, BLOCK) // BLOCK, np_ // BLOCK
     per = _task_split(g * mblocks, nblocks)
     nchunks = nblocks // per
     out_dtype = rqs[-1][4] if rqs else "int32"

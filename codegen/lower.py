@@ -340,6 +340,16 @@ def _strides(shape: Sequence[int]) -> list[int]:
     return out[::-1]
 
 
+def index_offsets(index: IndexMap, shape: Sequence[int], target_shape: Sequence[int]):
+    """Row-major offsets in a tensor of `target_shape` of index(i) for every index i of
+    `shape`, as a flat int64 array in i's row-major order (index maps evaluate on numpy)."""
+    grid = [a.reshape(-1) for a in np.indices([int(d) for d in shape], dtype=np.int64)]
+    at = index(grid)
+    strides = _strides(target_shape)
+    flat = sum(np.asarray(i, np.int64) * st for i, st in zip(at, strides, strict=True))
+    return np.broadcast_to(flat, grid[0].shape if grid else ())
+
+
 def fit_affine(flat: np.ndarray, shape: Sequence[int]) -> tuple[int, list[int]] | None:
     """(base, coefficients) with flat[i] == base + sum_d c_d * i_d for every index i of `shape`
     (`flat` given in row-major order), else None."""
@@ -347,10 +357,9 @@ def fit_affine(flat: np.ndarray, shape: Sequence[int]) -> tuple[int, list[int]] 
     flat = np.asarray(flat, dtype=np.int64).reshape(shape)
     base = int(flat.reshape(-1)[0]) if flat.size else 0
     coeffs = []
-    for d, extent in enumerate(shape):
-        unit = [0] * len(shape)
-        unit[d] = 1 if extent > 1 else 0
-        coeffs.append(int(flat[tuple(unit)]) - base if extent > 1 else 0)
+    for d, extent in enumerate(shape):  # an axis of extent 1 gets coefficient 0
+        unit = tuple(int(k == d) for k in range(len(shape)))
+        coeffs.append(int(flat[unit]) - base if extent > 1 else 0)
     grid = np.indices(shape, dtype=np.int64)
     predicted = base + sum(c * grid[d] for d, c in enumerate(coeffs))
     return (base, coeffs) if np.array_equal(predicted, flat) else None
@@ -358,11 +367,7 @@ def fit_affine(flat: np.ndarray, shape: Sequence[int]) -> tuple[int, list[int]] 
 
 def view_affine(view: View) -> tuple[int, list[int]] | None:
     """The view's element offsets in its source as base + sum_d c_d * i_d, else None."""
-    grid = [a.reshape(-1) for a in np.indices(view.shape, dtype=np.int64)]
-    at = view.index(grid)
-    strides = _strides(view.source_shape)
-    flat = sum(np.asarray(i, np.int64) * st for i, st in zip(at, strides, strict=True))
-    return fit_affine(np.broadcast_to(flat, grid[0].shape if grid else ()), view.shape)
+    return fit_affine(index_offsets(view.index, view.shape, view.source_shape), view.shape)
 
 
 def reshape_index(src_shape: Sequence[int], out_shape: Sequence[int]) -> IndexMap:
@@ -486,15 +491,10 @@ def requant_split(ctx: LowerCtx, tensor: str) -> RequantSplit | None:
         return None
     shape = tuple(int(d) for d in ctx.shapes[tensor])
     size, n = int(np.prod(shape)), shape[-1]
-    strides = np.array(_strides(shape), dtype=np.int64)
     count = np.zeros(size, dtype=np.int64)
     col_leaf = np.full(n, -1, dtype=np.int64)
     for li, (node, _, index) in enumerate(leaves):
-        lshape = [int(d) for d in ctx.shapes[node.output[0]]]
-        grid = [a.reshape(-1) for a in np.indices(lshape, dtype=np.int64)]
-        at = index(grid)
-        flat = sum(np.asarray(i, dtype=np.int64) * s for i, s in zip(at, strides, strict=True))
-        flat = np.broadcast_to(flat, grid[0].shape if grid else ())
+        flat = index_offsets(index, ctx.shapes[node.output[0]], shape)
         count += np.bincount(flat.reshape(-1), minlength=size)
         cols = np.flatnonzero(np.bincount(flat.reshape(-1) % n, minlength=n))
         if (col_leaf[cols] != -1).any() or flat.size != size // n * cols.size:

@@ -2,49 +2,24 @@
 reference element for element, on shapes that exercise padding and odd sizes."""
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from intgraph import integer_graph
+from onnx import TensorProto
 
 from intq.codegen import compat
 from intq.codegen.cpu import CpuKernels
 from intq.codegen.lower import to_relax
-from intq.ir import INTQ_DOMAIN
 from intq.ops import fixedpoint as fp
 from intq.ops import make_node
-from intq.reference import ReferenceInterpreter, infer_integer_shapes
+from intq.reference import ReferenceInterpreter
 
 RNG = np.random.default_rng(0)
 TARGET = compat.cpu_target()
-NP2ONNX = {
-    np.dtype(k): v
-    for k, v in [
-        ("int8", TensorProto.INT8),
-        ("uint8", TensorProto.UINT8),
-        ("int16", TensorProto.INT16),
-        ("int32", TensorProto.INT32),
-    ]
-}
 
 
 def check(nodes, feeds: dict[str, np.ndarray], consts: dict[str, np.ndarray]):
     """Build a graph, run it through TVM and the reference, assert bit-exact equality."""
-    inputs = [
-        helper.make_tensor_value_info(k, NP2ONNX[v.dtype], list(v.shape)) for k, v in feeds.items()
-    ]
-    out = nodes[-1].output[0]
-    g = helper.make_graph(
-        nodes,
-        "t",
-        inputs,
-        [helper.make_tensor_value_info(out, TensorProto.INT32, None)],
-        [numpy_helper.from_array(v, k) for k, v in consts.items()],
-    )
-    m = helper.make_model(
-        g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(INTQ_DOMAIN, 1)]
-    )
-    infer_integer_shapes(m, feeds)
-    onnx.checker.check_model(m)
+    m, out = integer_graph(nodes, feeds, consts)
     kernels = CpuKernels(TARGET)
     mod = kernels.schedule(to_relax(m, kernels))
     vm = compat.virtual_machine(compat.build(mod, TARGET))

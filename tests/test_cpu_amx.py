@@ -19,25 +19,19 @@ import os
 import sys
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from intgraph import integer_graph
+from onnx import TensorProto
 
 from intq.codegen import compat
 from intq.codegen.cpu import CpuKernels, pick_isa
 from intq.codegen.cpu_amx import pack_weight_amx
-from intq.ir import INTQ_DOMAIN
 from intq.ops import fixedpoint as fp
 from intq.ops import make_node
-from intq.reference import ReferenceInterpreter, infer_integer_shapes
+from intq.reference import ReferenceInterpreter
 
 AMX_TARGET = compat.cpu_target(mcpu="sapphirerapids", num_cores=2)
 HOST_TARGET = compat.cpu_target()
-ONNX_DT = {
-    np.dtype("int8"): TensorProto.INT8,
-    np.dtype("uint8"): TensorProto.UINT8,
-    np.dtype("int32"): TensorProto.INT32,
-}
 
 
 def host_has_amx() -> bool:
@@ -124,22 +118,7 @@ CASES = {
 def build_case(name: str, seed: int = 7):
     """(integer ONNX model, feeds, output name) of one case."""
     nodes, feeds, consts = CASES[name](np.random.default_rng(seed))
-    out = nodes[-1].output[0]
-    g = helper.make_graph(
-        nodes,
-        name,
-        [
-            helper.make_tensor_value_info(k, ONNX_DT[v.dtype], list(v.shape))
-            for k, v in feeds.items()
-        ],
-        [helper.make_tensor_value_info(out, TensorProto.INT32, None)],
-        [numpy_helper.from_array(v, k) for k, v in consts.items()],
-    )
-    model = helper.make_model(
-        g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(INTQ_DOMAIN, 1)]
-    )
-    infer_integer_shapes(model, feeds)
-    onnx.checker.check_model(model)
+    model, out = integer_graph(nodes, feeds, consts, name)
     return model, feeds, out
 
 

@@ -8,24 +8,17 @@ docs/PERFORMANCE.md).
 """
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from intgraph import integer_graph
 
 from intq.codegen import compat
 from intq.codegen.cpu import VNNI_FLIP, CpuKernels, pack_weight, pick_isa
 from intq.codegen.lower import to_relax
-from intq.ir import INTQ_DOMAIN
 from intq.ops import make_node
-from intq.reference import ReferenceInterpreter, infer_integer_shapes
+from intq.reference import ReferenceInterpreter
 
 RNG = np.random.default_rng(5)
 VNNI_TARGET = compat.cpu_target(mcpu="cascadelake", num_cores=2)
-ONNX_DT = {
-    np.dtype("int8"): TensorProto.INT8,
-    np.dtype("uint8"): TensorProto.UINT8,
-    np.dtype("int16"): TensorProto.INT16,
-}
 
 
 def host_has_vnni() -> bool:
@@ -60,26 +53,6 @@ def test_packed_u8s8_with_compensation_equals_int8_matmul(m, k, n):
         bias - VNNI_FLIP * w.sum(0, dtype=np.int64), (0, nb * nl - n)
     )
     np.testing.assert_array_equal(got[:, :n], x.astype(np.int64) @ w + bias)
-
-
-def _graph(nodes, feeds, consts):
-    out = nodes[-1].output[0]
-    g = helper.make_graph(
-        nodes,
-        "t",
-        [
-            helper.make_tensor_value_info(k, ONNX_DT[v.dtype], list(v.shape))
-            for k, v in feeds.items()
-        ],
-        [helper.make_tensor_value_info(out, TensorProto.INT32, None)],
-        [numpy_helper.from_array(v, k) for k, v in consts.items()],
-    )
-    m = helper.make_model(
-        g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(INTQ_DOMAIN, 1)]
-    )
-    infer_integer_shapes(m, feeds)
-    onnx.checker.check_model(m)
-    return m, out
 
 
 CASES = {
@@ -131,7 +104,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_vnni_kernels_build_and_match_reference_on_vnni_hosts(case):
     nodes, feeds, consts = CASES[case]()
-    m, out = _graph(nodes, feeds, consts)
+    m, out = integer_graph(nodes, feeds, consts)
     kernels = CpuKernels(VNNI_TARGET)
     assert kernels.isa == "avx512vnni" and kernels.kg == 4
     ex = compat.build(kernels.schedule(to_relax(m, kernels)), VNNI_TARGET)
