@@ -55,6 +55,8 @@ C_TILES, A_TILES, B_TILES = (0, 1, 2, 3), (4, 5), (6, 7)
 # C tile t = A tile (its row half) x B tile (its column half); its corner in the 32 x 32 block
 DOTS = ((0, 4, 6), (1, 4, 7), (2, 5, 6), (3, 5, 7))
 CORNERS = ((0, 0, 0), (1, 0, 16), (2, 16, 0), (3, 16, 16))
+MAX_PER, MIN_TASKS = 8, 16  # column blocks per task (at most), tasks per kernel (at least)
+TASK_GROUPS = 32  # parallel iterations (runs of tasks) per kernel, at most
 
 
 def round_up(a: int, b: int) -> int:
@@ -106,6 +108,17 @@ class _Tiles:
             T.buffer_store(cfg, T.uint8(TILE_BYTES), [16 + 2 * t])
             T.buffer_store(cfg, T.uint8(TILE_ROWS), [48 + t])
         self._intrin("ldtilecfg", T.address_of(cfg[0]))
+
+    def prefetch(self, flat, offset) -> None:
+        """Prefetch the 64-byte line holding flat[offset] into every cache level (a hint: no
+        effect on results; none when emulated)."""
+        if not self.emulate:
+            ptr = T.address_of(flat[offset])
+            T.evaluate(
+                T.call_llvm_intrin(
+                    "void", "llvm.prefetch.p0", ptr, T.int32(0), T.int32(3), T.int32(1)
+                )
+            )
 
     def release(self) -> None:
         if not self.emulate:
@@ -165,13 +178,20 @@ class _Tiles:
 # ----------------------------------------------------------------------------------------------
 
 
-def _task_split(tasks_per_column_block: int, nblocks: int) -> int:
-    """32-column blocks per parallel task: the most (<= 4, dividing the count) that still leaves
-    at least 8 tasks, so that 2+ threads share the work evenly."""
-    for per in (4, 2):
-        if nblocks % per == 0 and tasks_per_column_block * nblocks // per >= 8:
+def _task_split(row_blocks: int, nblocks: int) -> int:
+    """32-column blocks per task (unrolled, epilogues pipelined one block behind; the task's A
+    rows stay in L1 across them): the most, up to MAX_PER and dividing the count, that still
+    leaves at least MIN_TASKS tasks (`row_blocks` = G x 32-row blocks)."""
+    for per in range(min(MAX_PER, nblocks), 1, -1):
+        if nblocks % per == 0 and row_blocks * (nblocks // per) >= MIN_TASKS:
             return per
     return 1
+
+
+def _task_groups(ntasks: int) -> int:
+    """Parallel iterations, each a run of consecutive tasks: one tile configuration and one
+    set of buffers per run, not per task. TASK_GROUPS runs keep 2 to 16 threads balanced."""
+    return min(ntasks, TASK_GROUPS)
 
 
 def _flat(buf, size: int):
@@ -220,6 +240,7 @@ def gemm_amx_func(
     name: str = "int8_gemm_amx",
     emulate: bool = False,
     probe: str = "",
+    prefetch: bool = True,
 ) -> tirx.PrimFunc:
     """PrimFunc y[g] = epilogue(A[g] @ B[g] + bias), A[g]: M x K, B[g]: K x N, for g < G.
 
@@ -233,6 +254,7 @@ def gemm_amx_func(
     ints (per tensor) or int32 arrays along N (per column); () = int32 out.
     probe (benchmarks/amx_probe.py only; wrong results): "no_epilogue" drops the epilogue,
     "compute_only" also three of the four C stores, to time the parts of the kernel apart.
+    prefetch: software-prefetch each next block's B (see compute) - a hint, same results.
     """
     kp, np_ = round_up(k, KSTEP), round_up(n, BLOCK)
     mblocks, nblocks = round_up(m, BLOCK) // BLOCK, np_ // BLOCK
@@ -267,88 +289,109 @@ def gemm_amx_func(
                 _pack_b(bp, b, bl, g, k, n, kp, np_)
             bp_flat = _flat(bp, int(np.prod(bp_shape)))
             b_stride_g = 0 if packed_b else np_ * kp  # bytes of one g's packed B
-            with T.parallel(0, g * nchunks * mblocks) as task:
-                gg = task // (nchunks * mblocks)
-                nc = task // mblocks % nchunks
-                mb = task % mblocks
-                a_row0 = al.g_offset(gg) + mb * BLOCK * al.row  # the block's first A row
-                y_row0 = yl.g_offset(gg) + mb * BLOCK * yl.row
+            ntasks = g * nchunks * mblocks
+            groups = _task_groups(ntasks)
+            with T.parallel(0, groups) as grp:
                 tiles.configure()
                 # two C buffers: block i's epilogue (vector code) runs after block i+1's tile
                 # multiplies are issued, so the core overlaps the two
                 cbuf = T.alloc_buffer((2, BLOCK, BLOCK), "int32", align=64)
                 c_flat = _flat(cbuf, 2 * BLOCK * BLOCK)
 
-                def compute(src, src_at, stride: int, nb, buf: int, half: bool) -> None:
-                    """C of output block nb -> cbuf[buf]; A row r at src[src_at + r * stride].
-                    half: the block's first 16 rows only (C tiles 0-1, A tile 4)."""
-                    corners = CORNERS[:2] if half else CORNERS
-                    for t, _, c in corners:  # C = bias (one row repeated) or 0
-                        if bias_t is not None:
-                            tiles.load(t, bias_t, nb * BLOCK + c, 0)
-                        else:
-                            tiles.zero(t)
-                    with T.serial(0, kp // KSTEP) as kb:
+                def task_body(task) -> None:
+                    """Task = (g, column chunk, 32-row block), row blocks fastest: a run of
+                    consecutive tasks shares its B column chunk."""
+                    gg = task // (nchunks * mblocks)
+                    nc = task // mblocks % nchunks
+                    mb = task % mblocks
+                    a_row0 = al.g_offset(gg) + mb * BLOCK * al.row  # the block's first A row
+                    y_row0 = yl.g_offset(gg) + mb * BLOCK * yl.row
 
-                        def a_tile(i, kb=kb):
-                            off = src_at + i * TILE_ROWS * stride + kb * KSTEP
-                            tiles.load(A_TILES[i], src, off, stride)
+                    def compute(
+                        src, src_at, stride: int, nb, buf: int, half: bool, ahead: bool
+                    ) -> None:
+                        """C of output block nb -> cbuf[buf]; A row r at src[src_at + r * stride].
+                        half: the block's first 16 rows only (C tiles 0-1, A tile 4). ahead: also
+                        prefetch block nb + 1's B rows of each k-step (its 32 lines) while this
+                        block's multiplies run: a weight comes from L3 or memory on its first
+                        use in a model run, and a tile load waits for all its 16 lines."""
+                        corners = CORNERS[:2] if half else CORNERS
+                        for t, _, c in corners:  # C = bias (one row repeated) or 0
+                            if bias_t is not None:
+                                tiles.load(t, bias_t, nb * BLOCK + c, 0)
+                            else:
+                                tiles.zero(t)
+                        with T.serial(0, kp // KSTEP) as kb:
 
-                        def b_tile(i, kb=kb):
-                            kq = (nb * 2 + i) * (kp // 4) + kb * TILE_ROWS
-                            tiles.load(B_TILES[i], bp_flat, gg * b_stride_g + kq * 64, 64)
+                            def a_tile(i, kb=kb):
+                                off = src_at + i * TILE_ROWS * stride + kb * KSTEP
+                                tiles.load(A_TILES[i], src, off, stride)
 
-                        # loads interleaved with the multiplies that wait for them
-                        a_tile(0)
-                        b_tile(0)
-                        tiles.dot(*DOTS[0])
-                        b_tile(1)
-                        tiles.dot(*DOTS[1])
-                        if not half:
-                            a_tile(1)
-                            tiles.dot(*DOTS[2])
-                            tiles.dot(*DOTS[3])
-                    for t, r, c in corners[: 1 if probe == "compute_only" else 4]:
-                        tiles.store(t, c_flat, (buf * BLOCK + r) * BLOCK + c, BLOCK)
+                            def b_tile(i, kb=kb):
+                                kq = (nb * 2 + i) * (kp // 4) + kb * TILE_ROWS
+                                tiles.load(B_TILES[i], bp_flat, gg * b_stride_g + kq * 64, 64)
 
-                def epilogue(nb, buf: int) -> None:
-                    if probe:
-                        return
-                    with T.serial(0, tirx.min(BLOCK, m - mb * BLOCK)) as r:
-                        y_at = y_row0 + r * yl.row + nb * BLOCK
-                        _epilogue_row(y, cbuf, buf, r, y_at, nb * BLOCK, n, stages)
+                            if ahead and prefetch:
+                                for i in range(2):
+                                    kq = ((nb + 1) * 2 + i) * (kp // 4) + kb * TILE_ROWS
+                                    for line in range(TILE_ROWS):
+                                        at = gg * b_stride_g + (kq + line) * 64
+                                        tiles.prefetch(bp_flat, at)
+                            # loads interleaved with the multiplies that wait for them
+                            a_tile(0)
+                            b_tile(0)
+                            tiles.dot(*DOTS[0])
+                            b_tile(1)
+                            tiles.dot(*DOTS[1])
+                            if not half:
+                                a_tile(1)
+                                tiles.dot(*DOTS[2])
+                                tiles.dot(*DOTS[3])
+                        for t, r, c in corners[: 1 if probe == "compute_only" else 4]:
+                            tiles.store(t, c_flat, (buf * BLOCK + r) * BLOCK + c, BLOCK)
 
-                def blocks(src, src_at, stride: int, half: bool) -> None:
-                    """The task's `per` output blocks (unrolled), epilogues one block behind;
-                    A row r of the block at src[src_at + r * stride]."""
-                    for i in range(per):
-                        compute(src, src_at, stride, nc * per + i, i % 2, half)
-                        if i > 0:
-                            epilogue(nc * per + i - 1, (i - 1) % 2)
-                    epilogue(nc * per + per - 1, (per - 1) % 2)
+                    def epilogue(nb, buf: int) -> None:
+                        if probe:
+                            return
+                        with T.serial(0, tirx.min(BLOCK, m - mb * BLOCK)) as r:
+                            y_at = y_row0 + r * yl.row + nb * BLOCK
+                            _epilogue_row(y, cbuf, buf, r, y_at, nb * BLOCK, n, stages)
 
-                def place(half: bool) -> None:
-                    """A read in place where every byte the tiles read lies inside it (the
-                    block's last row, k-steps up to kp), else from a zero-padded copy."""
-                    last_row = (TILE_ROWS if half else BLOCK) - 1
-                    with T.If(a_row0 + last_row * al.row + kp <= al.size):
-                        with T.Then():
-                            blocks(a_flat, a_row0, al.row, half)
-                        with T.Else():
-                            panel = T.alloc_buffer((BLOCK, kp), a_dtype, align=64)
-                            with T.serial(0, BLOCK) as r:
-                                ok = mb * BLOCK + r < m
-                                _padded_row(panel, a_flat, r, a_row0 + r * al.row, ok, k, kp)
-                            blocks(_flat(panel, BLOCK * kp), 0, kp, half)
+                    def blocks(src, src_at, stride: int, half: bool) -> None:
+                        """The task's `per` output blocks (unrolled), epilogues one block behind;
+                        A row r of the block at src[src_at + r * stride]."""
+                        for i in range(per):
+                            ahead = i + 1 < per
+                            compute(src, src_at, stride, nc * per + i, i % 2, half, ahead)
+                            if i > 0:
+                                epilogue(nc * per + i - 1, (i - 1) % 2)
+                        epilogue(nc * per + per - 1, (per - 1) % 2)
 
-                if 0 < m % BLOCK <= TILE_ROWS:  # the last block of each g: half a block
-                    with T.If(mb == mblocks - 1):
-                        with T.Then():
-                            place(True)
-                        with T.Else():
-                            place(False)
-                else:
-                    place(False)
+                    def place(half: bool) -> None:
+                        """A read in place where every byte the tiles read lies inside it (the
+                        block's last row, k-steps up to kp), else from a zero-padded copy."""
+                        last_row = (TILE_ROWS if half else BLOCK) - 1
+                        with T.If(a_row0 + last_row * al.row + kp <= al.size):
+                            with T.Then():
+                                blocks(a_flat, a_row0, al.row, half)
+                            with T.Else():
+                                panel = T.alloc_buffer((BLOCK, kp), a_dtype, align=64)
+                                with T.serial(0, BLOCK) as r:
+                                    ok = mb * BLOCK + r < m
+                                    _padded_row(panel, a_flat, r, a_row0 + r * al.row, ok, k, kp)
+                                blocks(_flat(panel, BLOCK * kp), 0, kp, half)
+
+                    if 0 < m % BLOCK <= TILE_ROWS:  # the last block of each g: half a block
+                        with T.If(mb == mblocks - 1):
+                            with T.Then():
+                                place(True)
+                            with T.Else():
+                                place(False)
+                    else:
+                        place(False)
+
+                with T.serial(grp * ntasks // groups, (grp + 1) * ntasks // groups) as task:
+                    task_body(task)
                 tiles.release()
     return ib.get()
 
