@@ -145,6 +145,7 @@ _CPUINFO_TO_LLVM = {
     "avx512dq": "avx512dq",
     "avx512vl": "avx512vl",
     "avx512_vnni": "avx512vnni",
+    "avx512_vbmi": "avx512vbmi",
     "avx_vnni": "avxvnni",
     "amx_int8": "amx-int8",
     "amx_tile": "amx-tile",
@@ -189,7 +190,13 @@ def cpu_target(host: bool = True, num_cores: int | None = None, mcpu: str | None
                 cfg["mattr"] = off
     else:
         cfg["mcpu"] = "x86-64-v2"
-    return tvm.target.Target(cfg)
+    target = tvm.target.Target(cfg)
+    if tvm.target.codegen.target_has_features("avx512f", target):
+        # LLVM tunes AVX-512 CPUs (Skylake-SP on) to auto-vectorize at 256 bits; the row kernels
+        # (LayerNorm, Softmax, requantize, add) are left to its vectorizer, so let it use zmm
+        cfg["mattr"] = [*cfg.get("mattr", []), "-prefer-256-bit"]
+        target = tvm.target.Target(cfg)
+    return target
 
 
 def cuda_target(arch: str = "sm_90", host: Target | None = None) -> Target:

@@ -20,7 +20,7 @@ from tvm import relax, te, tirx
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
-from intq.codegen import compat, cpu_amx, te_ops
+from intq.codegen import compat, cpu_amx, cpu_lut, te_ops
 from intq.codegen.lower import fit_affine, index_offsets, requant_split, view_affine
 from intq.errors import LoweringError
 
@@ -513,10 +513,14 @@ class CpuKernels:
     """The kernel library `codegen.lower` calls for IntMatMul / IntConv on cpu-int8."""
 
     def __init__(self, target: tvm.target.Target, amx: str | None = None) -> None:
-        """amx: None = AMX GEMMs where the target has AMX; "emulate" = the AMX kernels with each
-        tile instruction emulated by TIR loops (runs anywhere: tests of the kernels' logic)."""
+        """amx: None = AMX GEMMs where the target has AMX (and VBMI byte tables where it has
+        AVX-512 VBMI); "emulate" = both kernels with each AMX / vpermi2b instruction emulated by
+        TIR loops (runs anywhere: tests of the kernels' logic)."""
         isa = pick_isa(target)
         self.amx = amx or ("hw" if isa == "amx" else None)
+        self.amx_prefetch = True  # cpu_amx.gemm_amx_func(prefetch=)
+        vbmi = tvm.target.codegen.target_has_features(["avx512bw", "avx512vbmi"], target)
+        self.vbmi = "emulate" if amx == "emulate" else ("hw" if vbmi else None)
         if isa == "amx":
             isa = "avx512vnni"  # the kernels AMX does not cover
         self.isa = isa
@@ -537,7 +541,10 @@ class CpuKernels:
         return self._attrs("elementwise")
 
     def schedule(self, mod: tvm.IRModule) -> tvm.IRModule:
-        return apply_cpu_schedules(mod)
+        """Scheduled kernels; chains of reshapes (the flat views the AMX and table kernels take)
+        folded into one and no-op reshapes dropped, each being a VM call at run time (DeiT-Small
+        b1: 284 of them before)."""
+        return apply_cpu_schedules(relax.transform.RemoveRedundantReshape()(mod))
 
     def _gemm(
         self,
@@ -641,6 +648,7 @@ class CpuKernels:
             rqs=tuple(rqs),
             name=name,
             emulate=self.amx == "emulate",
+            prefetch=self.amx_prefetch,
             **layouts,
         )
 
@@ -649,6 +657,21 @@ class CpuKernels:
         gv = ctx.bb.add_func(func, name)
         out = relax.TensorType((size,), rqs[-1][4] if rqs else "int32")
         return ctx.bb.emit(relax.call_tir(gv, relax.Tuple(args), out))
+
+    def byte_table(
+        self, ctx, x: str, table: np.ndarray, shape: tuple[int, ...]
+    ) -> relax.Expr | None:
+        """y = table[x + 128] (int8 x) or table[x] (uint8 x) with 8-bit entries, on AVX-512
+        VBMI (`cpu_lut`: 64 lookups per two vpermi2b); None where that does not apply."""
+        in_dt, out_dt = ctx.dtypes[x], str(table.dtype)
+        if self.vbmi is None or in_dt not in ("int8", "uint8") or out_dt not in ("int8", "uint8"):
+            return None
+        size = int(np.prod(shape))
+        func = cpu_lut.byte_table_func(size, in_dt, out_dt, emulate=self.vbmi == "emulate")
+        gv = ctx.bb.add_func(func, "byte_table")
+        args = [_flat(ctx, ctx.value(x)), relax.const(cpu_lut.byte_order(table, in_dt))]
+        y = ctx.bb.emit(relax.call_tir(gv, relax.Tuple(args), relax.TensorType((size,), out_dt)))
+        return ctx.bb.emit(relax.op.reshape(y, shape))
 
     def dense(self, ctx, node) -> relax.Expr:
         a_shape = ctx.shapes[node.input[0]]

@@ -633,12 +633,16 @@ def _int_gelu(ctx: LowerCtx, node, attrs):
     tab = gelu_table(ctx, node)
     if tab is not None:
         table, last = tab
-        out = ctx.emit_te(
-            lambda x, t: te_ops.table_lookup(x, t, 128, str(table.dtype)),
-            ctx.value(node.input[0]),
-            relax.const(table.astype(np.int32)),  # 32-bit entries: vector gathers
-            name="int_gelu_table",
-        )
+        out = None
+        if hasattr(ctx.kernels, "byte_table"):  # a target's own byte-table kernel
+            out = ctx.kernels.byte_table(ctx, node.input[0], table, ctx.shapes[node.output[0]])
+        if out is None:
+            out = ctx.emit_te(
+                lambda x, t: te_ops.table_lookup(x, t, 128, str(table.dtype)),
+                ctx.value(node.input[0]),
+                relax.const(table.astype(np.int32)),  # 32-bit entries: vector gathers
+                name="int_gelu_table",
+            )
         if last is not node:
             ctx.bind_folded(last, out)
         return out

@@ -102,6 +102,18 @@ def _conv(rng):
     return nodes, {"x": _ri(rng, -128, 127, (2, 3, 11, 13), np.int8)}, consts
 
 
+def _gelu(rng):
+    """IntGELU of int8 x (s_x = 0.05, F = 16) + Requantize to int8: a 256-entry byte table,
+    looked up with vpermi2b on AVX-512 VBMI; 59100 elements = 923 vectors of 64 + 28 one by one."""
+    alpha = round(1.702 * np.log2(np.e) * 0.05 * 2**16)
+    b, c = (v.reshape(()) for v in _mult([1.3 * 2**-14]))
+    nodes = [
+        make_node("IntGELU", ["x"], ["g"], "gelu", alpha=alpha, frac_bits=16),
+        make_node("Requantize", ["g", "b", "c"], ["y"], "rq", to=TensorProto.INT8),
+    ]
+    return nodes, {"x": _ri(rng, -128, 127, (2, 197, 150), np.int8)}, {"b": b, "c": c}
+
+
 CASES = {
     "full_blocks": _dense(32, 128, 64),  # M = 2 * 32 rows: in place, no padding
     "tail_rows_per_channel": _dense(197, 384, 96, rq="channel"),  # DeiT's rows
@@ -112,6 +124,7 @@ CASES = {
     "bmm_qk": _bmm(3, 197, 64, 197, rq=True),  # attention's Q K^T (DeiT shapes)
     "bmm_pv_u8": _bmm(3, 197, 197, 64, adt=np.uint8),  # P V: K % 64 != 0, u8 x s8
     "bmm_small": _bmm(2, 5, 7, 9),  # every block past the end of A: the padded panel
+    "gelu_byte_table": _gelu,  # the VBMI byte table (cpu_lut), not AMX
 }
 
 
@@ -162,8 +175,11 @@ def test_amx_weight_layout(k, n):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_amx_kernels_build_and_match_reference_on_amx_hosts(case):
     ex, feeds, want, asm = compile_case(case)
-    mul = "tdpbusd" if "u8" in case else "tdpbssd"
-    assert mul in asm and "ldtilecfg" in asm and "tilerelease" in asm
+    if case.startswith("gelu"):
+        assert "vpermi2b" in asm or "vpermt2b" in asm
+    else:
+        mul = "tdpbusd" if "u8" in case else "tdpbssd"
+        assert mul in asm and "ldtilecfg" in asm and "tilerelease" in asm
     if not host_has_amx():
         pytest.skip("built for sapphirerapids; this host has no amx_int8 to run it")
     vm = compat.virtual_machine(ex)
@@ -176,7 +192,7 @@ def test_amx_kernels_emulated_match_reference(case):
     """The same kernels with tile instructions emulated in TIR (same addresses and padding
     rules) run on any host and must equal the reference bit for bit."""
     ex, feeds, want, asm = compile_case(case, emulate=True)
-    assert "tdpbssd" not in asm and "tdpbusd" not in asm
+    assert not any(i in asm for i in ("tdpbssd", "tdpbusd", "vpermi2b", "vpermt2b"))
     vm = compat.virtual_machine(ex)
     got = compat.to_numpy(vm["main"](*[compat.to_device_tensor(v) for v in feeds.values()]))
     np.testing.assert_array_equal(got, want)
