@@ -12,8 +12,10 @@ weights). --mcpu sapphirerapids builds the AMX kernels, cascadelake the AVX-512 
 
 Before each contender's turn the harness idles --gap-ms (default 300): without it the previous
 contender's spinning worker threads slowed the next one (ORT's INT8 sessions ran 1.6-1.8x slower
-right after the FP32 session here; see interleave). Figures in docs/ before 2026-12-01 04:00
-were taken with no gap.
+right after the FP32 session here; see interleave). Each turn then opens with --turn-warmup
+(default 1) untimed calls: the first call after the idle gap is slow on the device Xeon. Figures
+in docs/ before 2026-12-01 04:00 were taken with no gap, before 2026-12-01 05:00 with no
+untimed opening call.
 
 ORT INT8 is timed in both recipes (static QDQ, per-channel s8 weights, u8 activations, through
 onnxruntime.quantization.quantize_static; and quantize_dynamic) and the faster one is reported
@@ -227,13 +229,22 @@ def ort_sessions(
 
 
 def interleave(
-    contenders: dict[str, Callable], rounds: int, inner: int, gap_s: float = 0.0
+    contenders: dict[str, Callable],
+    rounds: int,
+    inner: int,
+    gap_s: float = 0.0,
+    turn_warmup: int = 0,
+    samples_out: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
-    """Median ms per contender over `rounds` rounds of `inner` calls each. `gap_s`: idle time
-    before each contender's turn. Runtimes keep their worker threads spinning for a while after
-    a call (ONNX Runtime's intra-op pool, PyTorch's OpenMP, TVM's pool); on few cores those
-    spinners take the cores from whoever runs next: here (2 cores, DeiT-Tiny b1) intq took
-    19 ms alone, 35 ms right after a PyTorch call and 79 ms right after an ORT FP32 call."""
+    """Median ms per contender over `rounds` rounds of `inner` timed calls each. `gap_s`: idle
+    time before each contender's turn; `turn_warmup`: untimed calls opening each turn. Runtimes
+    keep their worker threads spinning for a while after a call (ONNX Runtime's intra-op pool,
+    PyTorch's OpenMP, TVM's pool); on few cores those spinners take the cores from whoever runs
+    next: here (2 cores, DeiT-Tiny b1) intq took 19 ms alone, 35 ms right after a PyTorch call
+    and 79 ms right after an ORT FP32 call. The gap stops that, but the first call after an
+    idle gap is slow in its turn (on the device Xeon: 17-23 ms against 16-17 ms for the calls
+    after it, DeiT-Small b1), so each turn opens with untimed calls. Every contender is treated
+    alike. `samples_out` receives every timed sample."""
     for fn in contenders.values():  # warm up
         fn()
     samples: dict[str, list[float]] = {k: [] for k in contenders}
@@ -241,7 +252,11 @@ def interleave(
         for name, fn in contenders.items():
             if gap_s:
                 time.sleep(gap_s)
+            for _ in range(turn_warmup):
+                fn()
             samples[name] += [timed(fn) for _ in range(inner)]
+    if samples_out is not None:
+        samples_out.update(samples)
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
@@ -389,7 +404,10 @@ def run_case(tag, meta, xs, intq_fn, ref, float_onnx, args, so_path) -> dict:
         contenders = {"intq": intq_fn, **ort_fns}
         contenders["PyTorch FP32"] = lambda: torch.inference_mode()(model)(*xts)
         exact = ref is None or np.array_equal(intq_fn(), ref)
-        med = interleave(contenders, args.rounds, args.inner, args.gap_ms / 1e3)
+        samples: dict[str, list[float]] = {}
+        med = interleave(
+            contenders, args.rounds, args.inner, args.gap_ms / 1e3, args.turn_warmup, samples
+        )
         rss = {}
         xp = os.path.join(wd, "x.npz")
         save_inputs(xp, xs)
@@ -405,12 +423,13 @@ def run_case(tag, meta, xs, intq_fn, ref, float_onnx, args, so_path) -> dict:
                     rss[label] = peak_rss_mib(["ort", path, xp, str(args.threads)])
             rss["PyTorch FP32"] = peak_rss_mib(["torch", name, xp, str(args.threads)])
     title = (
-        f"\n{tag}: {args.threads} threads, {args.rounds} rounds x {args.inner}; intq compile "
+        f"\n{tag}: {args.threads} threads, {args.rounds} rounds x {args.inner} (each turn: "
+        f"{args.gap_ms:g} ms idle, {args.turn_warmup} untimed); intq compile "
         f"{meta.get('compile_s', '?')} s (mcpu {meta.get('mcpu', 'host')}), artifact "
         f"{meta.get('artifact_bytes', 0) / 2**20:.1f} MiB; bit-exact vs reference: {exact}"
     )
     out = report(title, med, rss)
-    out.update(meta, bit_exact=bool(exact), peak_rss_mib=rss)
+    out.update(meta, bit_exact=bool(exact), peak_rss_mib=rss, samples_ms=samples)
     return out
 
 
@@ -473,6 +492,12 @@ def main() -> None:
         default=300.0,
         help="idle ms before each contender's turn (lets the previous one's spinning threads "
         "stop; see interleave)",
+    )
+    ap.add_argument(
+        "--turn-warmup",
+        type=int,
+        default=1,
+        help="untimed calls opening each contender's turn (after the gap; see interleave)",
     )
     ap.add_argument("--threads", type=int, default=None, help="default: CPUs of this process")
     ap.add_argument("--mcpu", default=None, help="LLVM CPU to compile for (default: host)")
