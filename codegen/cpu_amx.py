@@ -17,12 +17,13 @@ Register use (one configuration, every tile 16 rows x 64 bytes): C tiles 0-3 hol
 output block, A tiles 4-5 its two 16-row slices, B tiles 6-7 its two 16-column slices; per
 64-deep k-step two A loads, two B loads and four tile multiplies, each load issued just before
 the first multiply that needs it. A dense GEMM's C starts from the bias (a stride-0 tile
-load), so the epilogue's product is int32 x int32; a batched matmul's from zero. Each parallel
-task owns one 32-row block of one g and a chunk of 32-column blocks (unrolled); it loads the
-tile configuration, and per output block runs the k loop and stores C to one of two [32, 32]
-int32 buffers; a block's epilogue is issued after the next block's multiplies, so vector and
-tile work overlap. A last row block of at most
-16 rows runs as half a block (A tile 4, C tiles 0-1).
+load), so the epilogue's product is int32 x int32; a batched matmul's from zero. A task is one
+32-row block of one g and a chunk of up to 8 32-column blocks (unrolled); the parallel loop runs
+at most 32 runs of consecutive tasks, each loading the tile configuration once. Per output block
+a task runs the k loop (prefetching the next block's B rows) and stores C to one of two
+[32, 32] int32 buffers; a block's epilogue is issued after the next block's multiplies, so
+vector and tile work overlap. A last row block of at most 16 rows runs as half a block (A tile
+4, C tiles 0-1).
 
 Padding without copies: A is read in place, rows of 64 bytes at the layout's row stride. A
 k-step past K reads bytes after the row and a row past M later rows: both meet zero rows of the
@@ -311,10 +312,11 @@ def gemm_amx_func(
                         src, src_at, stride: int, nb, buf: int, half: bool, ahead: bool
                     ) -> None:
                         """C of output block nb -> cbuf[buf]; A row r at src[src_at + r * stride].
-                        half: the block's first 16 rows only (C tiles 0-1, A tile 4). ahead: also
-                        prefetch block nb + 1's B rows of each k-step (its 32 lines) while this
-                        block's multiplies run: a weight comes from L3 or memory on its first
-                        use in a model run, and a tile load waits for all its 16 lines."""
+                        half: the block's first 16 rows only (C tiles 0-1, A tile 4). ahead (a
+                        condition): also prefetch block nb + 1's B rows of each k-step (its 32
+                        lines) while this block's multiplies run: a weight comes from L3 or
+                        memory on its first use in a model run, and a tile load waits for all
+                        its 16 lines."""
                         corners = CORNERS[:2] if half else CORNERS
                         for t, _, c in corners:  # C = bias (one row repeated) or 0
                             if bias_t is not None:
@@ -331,12 +333,14 @@ def gemm_amx_func(
                                 kq = (nb * 2 + i) * (kp // 4) + kb * TILE_ROWS
                                 tiles.load(B_TILES[i], bp_flat, gg * b_stride_g + kq * 64, 64)
 
-                            if ahead and prefetch:
-                                for i in range(2):
-                                    kq = ((nb + 1) * 2 + i) * (kp // 4) + kb * TILE_ROWS
-                                    for line in range(TILE_ROWS):
-                                        at = gg * b_stride_g + (kq + line) * 64
-                                        tiles.prefetch(bp_flat, at)
+                            if prefetch:
+                                with T.If(ahead):
+                                    with T.Then():
+                                        with T.serial(0, 2 * TILE_ROWS) as line:
+                                            half_nb = (nb + 1) * 2 + line // TILE_ROWS
+                                            kq = half_nb * (kp // 4) + kb * TILE_ROWS
+                                            at = gg * b_stride_g + (kq + line % TILE_ROWS) * 64
+                                            tiles.prefetch(bp_flat, at)
                             # loads interleaved with the multiplies that wait for them
                             a_tile(0)
                             b_tile(0)
@@ -358,13 +362,14 @@ def gemm_amx_func(
                             _epilogue_row(y, cbuf, buf, r, y_at, nb * BLOCK, n, stages)
 
                     def blocks(src, src_at, stride: int, half: bool) -> None:
-                        """The task's `per` output blocks (unrolled), epilogues one block behind;
-                        A row r of the block at src[src_at + r * stride]."""
-                        for i in range(per):
-                            ahead = i + 1 < per
-                            compute(src, src_at, stride, nc * per + i, i % 2, half, ahead)
-                            if i > 0:
-                                epilogue(nc * per + i - 1, (i - 1) % 2)
+                        """The task's `per` output blocks (a loop: the code size does not grow
+                        with `per`), epilogues one block behind; A row r of the block at
+                        src[src_at + r * stride]."""
+                        with T.serial(0, per) as i:
+                            compute(src, src_at, stride, nc * per + i, i % 2, half, i + 1 < per)
+                            with T.If(i > 0):
+                                with T.Then():
+                                    epilogue(nc * per + i - 1, (i + 1) % 2)
                         epilogue(nc * per + per - 1, (per - 1) % 2)
 
                     def place(half: bool) -> None:
