@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -216,13 +216,25 @@ def cuda_target(arch: str = "sm_90", host: Target | None = None) -> Target:
 # --------------------------------------------------------------------------------------------
 
 
+def aligned_empty(shape: Sequence[int], dtype: Any, alignment: int = ALIGNMENT) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data pointer is ``alignment``-byte aligned
+    (what TVM needs to share numpy memory, ``to_device_tensor(zero_copy=True)``)."""
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    off = (-raw.ctypes.data) % alignment
+    return raw[off : off + nbytes].view(dt).reshape(tuple(shape))
+
+
 def _aligned_copy(arr: np.ndarray, alignment: int = ALIGNMENT) -> np.ndarray:
     """C-contiguous copy of ``arr`` whose data pointer is ``alignment``-byte aligned."""
-    raw = np.empty(arr.nbytes + alignment, dtype=np.uint8)
-    off = (-raw.ctypes.data) % alignment
-    out = raw[off : off + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+    out = aligned_empty(arr.shape, arr.dtype, alignment)
     np.copyto(out, arr)
     return out
+
+
+def is_cpu(device: Device) -> bool:
+    return device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
 
 
 def to_device_tensor(

@@ -111,15 +111,26 @@ class Signature:
         return ", ".join(s.signature() for s in self.inputs)
 
 
-def quantize_input(x: np.ndarray, scale: float, qdtype: str) -> np.ndarray:
-    """q = clip(floor(x / scale + 0.5), lo, hi) computed in float64, cast to `qdtype`."""
+def quantize_input(
+    x: np.ndarray,
+    scale: float,
+    qdtype: str,
+    out: np.ndarray | None = None,
+    scratch: np.ndarray | None = None,
+) -> np.ndarray:
+    """q = clip(floor(x / scale + 0.5), lo, hi) computed in float64, cast to `qdtype`. `out`
+    (qdtype, x's shape) receives q and `scratch` (float64, x's shape) holds the float64 steps
+    when given: a caller that quantizes every call reuses them instead of fresh allocations."""
     lo, hi = DTYPE_BOUNDS[qdtype]
-    q = np.array(x, dtype=np.float64)  # a fresh float64 copy, then the same ops in place
-    np.divide(q, scale, out=q)
+    q = scratch if scratch is not None else np.empty(np.shape(x), np.float64)
+    np.divide(x, scale, out=q, dtype=np.float64)  # x widened exactly, then divided in float64
     np.add(q, 0.5, out=q)
     np.floor(q, out=q)
     np.clip(q, lo, hi, out=q)
-    return q.astype(qdtype)
+    if out is None:
+        return q.astype(qdtype)
+    np.copyto(out, q, casting="unsafe")  # integral values inside qdtype's range: exact
+    return out
 
 
 def check_batch_inputs(
@@ -170,12 +181,25 @@ def check_batch_inputs(
 
 
 def quantize_inputs(
-    specs: tuple[InputSpec, ...] | list[InputSpec], arrays: list[np.ndarray]
+    specs: tuple[InputSpec, ...] | list[InputSpec],
+    arrays: list[np.ndarray],
+    outs: list[np.ndarray] | None = None,
+    scratch: list[np.ndarray | None] | None = None,
 ) -> list[np.ndarray]:
-    return [
-        quantize_input(x, s.scale, s.qdtype) if s.scale is not None else x.astype(s.qdtype)
-        for s, x in zip(specs, arrays, strict=True)
-    ]
+    """Each input quantized (or, for an integer input, cast) to its qdtype; into `outs[i]`
+    (with `scratch[i]` for the float64 steps) when given."""
+    res = []
+    for i, (s, x) in enumerate(zip(specs, arrays, strict=True)):
+        out = outs[i] if outs is not None else None
+        if s.scale is not None:
+            tmp = scratch[i] if scratch is not None else None
+            res.append(quantize_input(x, s.scale, s.qdtype, out, tmp))
+        elif out is not None:
+            np.copyto(out, x, casting="unsafe")  # the same C cast as astype
+            res.append(out)
+        else:
+            res.append(x.astype(s.qdtype))
+    return res
 
 
 def dequantize(y: np.ndarray, spec: OutputSpec) -> np.ndarray:

@@ -163,3 +163,20 @@ def test_deit_tiny_224_bit_exact():
     assert lib._build.tir_floats == []
     x = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
     assert np.array_equal(lib.run(x), intq.reference_run(lib.integer_onnx, x))
+
+
+def test_quantize_input_into_buffers_equals_fresh():
+    """The runtime quantizes into reused buffers (out, scratch): same values as a fresh array,
+    including ties (x / s = k + 0.5 rounds up) and saturation."""
+    from intq import boundary
+
+    s = 0.05
+    x = np.array([[0.025, -0.025, 0.075, -0.075, 100.0, -100.0, 0.0, 1e-9]], np.float32)
+    x = np.concatenate([x, np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)])
+    want = boundary.quantize_input(x, s, "int8")
+    out, scratch = np.full(x.shape, 99, np.int8), np.full(x.shape, np.nan)
+    got = boundary.quantize_input(x, s, "int8", out=out, scratch=scratch)
+    assert got is out and np.array_equal(got, want) and want.dtype == np.int8
+    assert list(want[0, :6]) == list(
+        np.floor(x[0, :6].astype(np.float64) / s + 0.5).clip(-128, 127)
+    )
