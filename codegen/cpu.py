@@ -519,6 +519,9 @@ class CpuKernels:
         isa = pick_isa(target)
         self.amx = amx or ("hw" if isa == "amx" else None)
         self.amx_prefetch = True  # cpu_amx.gemm_amx_func(prefetch=)
+        # LayerNorm's element loop in 32-bit lanes (te_ops.int_layernorm(narrow=True), same
+        # values): on the AVX-512 Xeon 54 -> 51 us per DeiT-Small LayerNorm; slower on AVX2
+        self.narrow_layernorm = tvm.target.codegen.target_has_features("avx512f", target)
         vbmi = tvm.target.codegen.target_has_features(["avx512bw", "avx512vbmi"], target)
         self.vbmi = "emulate" if amx == "emulate" else ("hw" if vbmi else None)
         if isa == "amx":

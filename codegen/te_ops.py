@@ -149,8 +149,9 @@ def int_layernorm(
     core.layernorm_normalise per element, saturated to int32; `rq` = (b, c, lo, hi, dtype)
     (per-tensor ints, or per-channel te.Tensors) applies a following Requantize in that stage.
     `narrow`: the element loop in 32-bit lanes (`_layernorm_normalise_i32`, the same values),
-    the kernel library's choice: on the H200 LayerNorm went 29.9 -> 25.3 us with it, on a
-    2-core AVX2 CPU it was slower (benchmarks/cpu_rows.py), so cpu-int8 keeps int64."""
+    the kernel library's choice: on the H200 LayerNorm went 29.9 -> 25.3 us with it, on the
+    AVX-512 Xeon 54 -> 51 us; on a 2-core AVX2 CPU it was slower (benchmarks/cpu_rows.py), so
+    cpu-int8 uses it on AVX-512 targets only."""
     n = int(x.shape[-1])
     in_bits = 8 * (tvm.DataType(x.dtype).bits // 8)
     # 32-bit lanes where exact: the row sum while n * 2^(in_bits - 1) < 2^31; the square of
