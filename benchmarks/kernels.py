@@ -6,7 +6,8 @@ multiplied by its call count in `main`, grouped by kernel name.
     python benchmarks/kernels.py --model deit_small --batch 1 8 --export DIR --mcpu cascadelake
     taskset -c 0,1 python3 kernels.py --run DIR --threads 2                    # runtime only
 
---export writes per case the exported model .so and a manifest (kernel names, parameter shapes
+--run also times each kernel inside whole-model runs (`in_context`). --export writes per case
+the exported model .so and a manifest (kernel names, parameter shapes
 and dtypes, call counts; `benchmarks/cpu.py --prepare DIR --kernels` writes the same manifest
 beside its .so); --run times those kernels through the .so's own library module with the TVM
 runtime alone (no compiler: the device machine). An estimate of where time goes
@@ -109,6 +110,51 @@ def whole_model(so: str, threads: int, calls: int = 20) -> None:
     )
 
 
+def in_context(so: str, threads: int, calls: int = 10) -> None:
+    """Each kernel's time inside whole-model runs (the VM's instrument hook timestamps every
+    call; the hook's own cost is in the hooked total, not in a kernel's time), grouped by name:
+    what the kernels cost with the caches as the model leaves them."""
+    import time
+
+    import tvm
+
+    from intq import boundary, runtime
+    from intq.codegen import compat
+
+    ex = runtime.load(so, threads=threads)
+    xs = [np.zeros(s.shape, s.dtype) for s in ex.signature.inputs]
+    args = [
+        compat.to_device_tensor(a, tvm.cpu())
+        for a in boundary.quantize_inputs(ex.signature.inputs, xs)
+    ]
+    total: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    started: list[float] = []
+
+    def hook(func, symbol, before, ret, *a) -> int:
+        now = time.perf_counter()
+        if before:
+            started.append(now)
+        else:
+            group = re.sub(r"\d+$", "", str(symbol)).rstrip("_")
+            total[group] += now - started.pop()
+            count[group] += 1
+        return 0  # VMInstrumentReturnKind.kNoOp
+
+    ex._vm.set_instrument(hook)
+    ex._vm["main"](*args)
+    total.clear()
+    count.clear()
+    t = time.perf_counter()
+    for _ in range(calls):
+        ex._vm["main"](*args)
+    whole = (time.perf_counter() - t) / calls * 1e3
+    inside = sum(total.values()) / calls * 1e3
+    print(f"in context: hooked run {whole:.2f} ms, sum of its calls {inside:.2f} ms")
+    for group, sec in total.most_common(12):
+        print(f"  {group:28s} {sec / calls * 1e3:8.3f} ms  ({count[group] // calls} calls)")
+
+
 def export(args) -> None:
     from intq.codegen import compat
 
@@ -143,6 +189,7 @@ def run(args) -> None:
         time_kernels(mod.imports[0], kernels, tvm.cpu())
         if os.path.exists(os.path.join(args.run, f"{tag}.so")):  # a whole intq artifact
             whole_model(so, args.threads)
+            in_context(so, args.threads)
 
 
 def local(args) -> None:

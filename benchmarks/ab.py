@@ -1,0 +1,54 @@
+"""A/B of intq artifacts of the same model in one process: the VM's `main` of each, interleaved
+for --rounds rounds (one untimed call, then --inner timed calls per turn); medians and
+quartiles. Also checks that they give the same output. Runtime only (the device machine).
+
+    taskset -c 0,1 python3 benchmarks/ab.py --threads 2 --rounds 25 A.so B.so
+
+On a shared machine whose speed drifts within minutes, only artifacts measured like this,
+in one process and interleaved, compare (run both orders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("artifacts", nargs="+")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--inner", type=int, default=3)
+    args = ap.parse_args()
+
+    import tvm
+
+    from intq import boundary, runtime
+    from intq.codegen import compat
+
+    exs = [runtime.load(so, threads=args.threads) for so in args.artifacts]
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(s.shape).astype(s.dtype) for s in exs[0].signature.inputs]
+    outs = [ex.run(*xs) for ex in exs]
+    print("outputs equal:", all(np.array_equal(outs[0], o) for o in outs[1:]))
+    q = boundary.quantize_inputs(exs[0].signature.inputs, xs)
+    dev_args = [compat.to_device_tensor(a, tvm.cpu()) for a in q]
+    samples: dict[str, list[float]] = {so: [] for so in args.artifacts}
+    for _ in range(args.rounds):
+        for so, ex in zip(args.artifacts, exs, strict=True):
+            main = ex._vm["main"]
+            main(*dev_args)
+            for _ in range(args.inner):
+                t = time.perf_counter()
+                main(*dev_args)
+                samples[so].append((time.perf_counter() - t) * 1e3)
+    for so, v in samples.items():
+        p25, p50, p75 = np.percentile(v, [25, 50, 75])
+        print(f"{so:40s} median {p50:7.2f} ms  p25 {p25:7.2f}  p75 {p75:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
