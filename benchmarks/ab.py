@@ -11,9 +11,14 @@ in one process and interleaved, compare (run both orders).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import artifact  # noqa: E402 - shared loading (inputs its signature accepts)
 
 
 def main() -> None:
@@ -24,18 +29,11 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=3)
     args = ap.parse_args()
 
-    import tvm
-
-    from intq import boundary, runtime
-    from intq.codegen import compat
-
-    exs = [runtime.load(so, threads=args.threads) for so in args.artifacts]
-    rng = np.random.default_rng(0)
-    xs = [rng.standard_normal(s.shape).astype(s.dtype) for s in exs[0].signature.inputs]
+    loaded = [artifact.load(so, args.threads) for so in args.artifacts]
+    exs = [ex for ex, _, _ in loaded]
+    _, xs, dev_args = loaded[0]
     outs = [ex.run(*xs) for ex in exs]
     print("outputs equal:", all(np.array_equal(outs[0], o) for o in outs[1:]))
-    q = boundary.quantize_inputs(exs[0].signature.inputs, xs)
-    dev_args = [compat.to_device_tensor(a, tvm.cpu()) for a in q]
     samples: dict[str, list[float]] = {so: [] for so in args.artifacts}
     for _ in range(args.rounds):
         for so, ex in zip(args.artifacts, exs, strict=True):

@@ -242,7 +242,7 @@ def interleave(
     PyTorch's OpenMP, TVM's pool); on few cores those spinners take the cores from whoever runs
     next: here (2 cores, DeiT-Tiny b1) intq took 19 ms alone, 35 ms right after a PyTorch call
     and 79 ms right after an ORT FP32 call. The gap stops that, but the first call after an
-    idle gap is slow in its turn (on the device Xeon: 17-23 ms against 16-17 ms for the calls
+    idle gap is slow in its turn (on the device Xeon: 17-23 ms against 15.6-18.3 ms for the calls
     after it, DeiT-Small b1), so each turn opens with untimed calls. Every contender is treated
     alike. `samples_out` receives every timed sample."""
     for fn in contenders.values():  # warm up

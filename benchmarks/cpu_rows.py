@@ -1,5 +1,6 @@
 """cpu-int8's LayerNorm kernel (+ per-column Requantize, `schedule_rows`) on [8, 197, 384] int16
-with its element loop in int64 (what cpu-int8 uses) and in 32-bit lanes (cuda-int8's form),
+with its element loop in int64 (cpu-int8 without AVX-512) and in 32-bit lanes (cuda-int8 and
+AVX-512 CPUs),
 timed on this CPU; both outputs compared element by element. A profile, not a speed claim.
 
     python benchmarks/cpu_rows.py

@@ -8,21 +8,12 @@ idles --gap-ms and then makes --turn-warmup untimed calls). Runtime only.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import numpy as np
-
-
-def median_ms(fn, calls: int = 15, before=None) -> float:
-    fn()
-    samples = []
-    for _ in range(calls):
-        if before is not None:
-            before()
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return float(np.median(samples)) * 1e3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from artifact import load, median_ms  # noqa: E402 - shared with kernels.py / ab.py
 
 
 def main() -> None:
@@ -31,15 +22,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    import tvm
+    from intq import boundary
 
-    from intq import boundary, runtime
-    from intq.codegen import compat
-
-    ex = runtime.load(args.artifact, threads=args.threads)
+    ex, xs, dev_args = load(args.artifact, args.threads)
     specs = ex.signature.inputs
-    xs = [np.random.default_rng(0).standard_normal(s.shape).astype(s.dtype) for s in specs]
-    dev_args = [compat.to_device_tensor(a, tvm.cpu()) for a in boundary.quantize_inputs(specs, xs)]
     main_fn = ex._vm["main"]
 
     def vm_main() -> None:

@@ -26,6 +26,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import artifact  # noqa: E402 - shared with ab.py / idle.py
 from cpu import MODELS, compile_case  # noqa: E402 - the models benchmarks/cpu.py measures
 
 
@@ -80,33 +81,13 @@ def time_kernels(lib, kernels: list[dict], dev, number: int = 5, repeat: int = 3
 
 def whole_model(so: str, threads: int, calls: int = 20) -> None:
     """The same model end to end, for comparison with the kernel sum: `main` of the VM alone on
-    an already quantized (zero) input, and Executor.run on a float input (input quantizer and
+    an already quantized input, and Executor.run on the float input (input quantizer and
     output copy included). Medians of `calls` calls."""
-    import time
-
-    import tvm
-
-    from intq import boundary, runtime
-    from intq.codegen import compat
-
-    ex = runtime.load(so, threads=threads)
-    xs = [np.zeros(s.shape, s.dtype) for s in ex.signature.inputs]
-    q = boundary.quantize_inputs(ex.signature.inputs, xs)
-    args = [compat.to_device_tensor(a, tvm.cpu()) for a in q]
+    ex, xs, args = artifact.load(so, threads)
     main = ex._vm["main"]
-
-    def median_ms(fn) -> float:
-        fn()
-        samples = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t)
-        return float(np.median(samples)) * 1e3
-
     print(
-        f"whole model: VM main {median_ms(lambda: main(*args)):.2f} ms, "
-        f"Executor.run {median_ms(lambda: ex.run(*xs)):.2f} ms"
+        f"whole model: VM main {artifact.median_ms(lambda: main(*args), calls):.2f} ms, "
+        f"Executor.run {artifact.median_ms(lambda: ex.run(*xs), calls):.2f} ms"
     )
 
 
@@ -116,17 +97,7 @@ def in_context(so: str, threads: int, calls: int = 10) -> None:
     what the kernels cost with the caches as the model leaves them."""
     import time
 
-    import tvm
-
-    from intq import boundary, runtime
-    from intq.codegen import compat
-
-    ex = runtime.load(so, threads=threads)
-    xs = [np.zeros(s.shape, s.dtype) for s in ex.signature.inputs]
-    args = [
-        compat.to_device_tensor(a, tvm.cpu())
-        for a in boundary.quantize_inputs(ex.signature.inputs, xs)
-    ]
+    ex, _, args = artifact.load(so, threads)
     total: collections.Counter[str] = collections.Counter()
     count: collections.Counter[str] = collections.Counter()
     started: list[float] = []

@@ -249,7 +249,7 @@ def to_device_tensor(
     """
     device = device if device is not None else tvm.cpu()
     arr = np.asarray(array)
-    if zero_copy and device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+    if zero_copy and is_cpu(device):
         if not arr.flags.c_contiguous or arr.ctypes.data % ALIGNMENT:
             arr = _aligned_copy(np.ascontiguousarray(arr))
         return tvm.runtime.from_dlpack(arr)

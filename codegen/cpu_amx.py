@@ -18,7 +18,7 @@ output block, A tiles 4-5 its two 16-row slices, B tiles 6-7 its two 16-column s
 64-deep k-step two A loads, two B loads and four tile multiplies, each load issued just before
 the first multiply that needs it. A dense GEMM's C starts from the bias (a stride-0 tile
 load), so the epilogue's product is int32 x int32; a batched matmul's from zero. A task is one
-32-row block of one g and a chunk of up to 8 32-column blocks (unrolled); the parallel loop runs
+32-row block of one g and a chunk of up to 8 32-column blocks (a loop); the parallel loop runs
 at most 32 runs of consecutive tasks, each loading the tile configuration once. Per output block
 a task runs the k loop (prefetching the next block's B rows) and stores C to one of two
 [32, 32] int32 buffers; a block's epilogue is issued after the next block's multiplies, so
@@ -180,7 +180,7 @@ class _Tiles:
 
 
 def _task_split(row_blocks: int, nblocks: int) -> int:
-    """32-column blocks per task (unrolled, epilogues pipelined one block behind; the task's A
+    """32-column blocks per task (a loop, epilogues pipelined one block behind; the task's A
     rows stay in L1 across them): the most, up to MAX_PER and dividing the count, that still
     leaves at least MIN_TASKS tasks (`row_blocks` = G x 32-row blocks)."""
     for per in range(min(MAX_PER, nblocks), 1, -1):

@@ -12,8 +12,9 @@ index's low 7 bits) and one byte blend on the index's bit 7:
     = (u & 64 ? b : a)[u & 63], lane by lane.
 
 The last `size % 64` elements are looked up one by one. `emulate=True` replaces the two
-`vpermi2b` by their definition in TIR (res[i] = (u[i] & 64 ? b : a)[u[i] & 63]), so the kernel's
-indexing is tested bit for bit on any CPU.
+`vpermi2b` by their definition in TIR (res[i] = (u[i] & 64 ? b : a)[u[i] & 63]) on the same
+quarter pairs and blend, so the table order, the pairs and the blend are tested bit for bit on
+any CPU; the intrinsic's operand order itself only on a VBMI CPU (benchmarks/run_cases.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def byte_order(table: np.ndarray, in_dtype: str) -> np.ndarray:
     return np.asarray(table)[x].astype(np.int64).astype(np.uint8).view(np.int8)
 
 
+#: the 64-byte quarters of the table each vpermi2b picks from, (a, b): bytes (u & 64 ? b : a)
+PAIRS = ((0, 1), (2, 3))
+
+
 def byte_table_func(
     size: int, in_dtype: str, out_dtype: str, name: str = "byte_table", emulate: bool = False
 ) -> tirx.PrimFunc:
@@ -52,38 +57,47 @@ def byte_table_func(
             x = T.arg("x", T.buffer((size,), in_dtype))
             t = T.arg("t", T.buffer((256,), "int8"))
             y = T.arg("y", T.buffer((size,), out_dtype))
-            vec = f"int8x{LANES}"
-
-            def permute(a, idx, b):
-                return T.call_llvm_pure_intrin(vec, T.llvm_lookup_intrinsic_id(VPERMI2B), a, idx, b)
-
             if ntasks:
                 with T.parallel(0, ntasks) as task:
-                    halves = [t[tirx.Ramp(q * LANES, 1, LANES)] for q in range(4)]
                     first = task * (CHUNK // LANES)
                     with T.serial(first, tirx.min(first + CHUNK // LANES, nvec)) as v:
-                        at = tirx.Ramp(v * LANES, 1, LANES)
                         if emulate:
-                            _emulated(t, x, y, v * LANES, out_dtype)
+                            _emulated_step(t, x, y, v * LANES, out_dtype)
                         else:
-                            u = x[at] if in_dtype == "int8" else T.reinterpret(vec, x[at])
-                            lo = permute(halves[0], u, halves[1])
-                            hi = permute(halves[2], u, halves[3])
-                            zero = tirx.Broadcast(tirx.const(0, "int8"), LANES)
-                            r = tirx.Select(u < zero, hi, lo)  # bit 7 of the byte
-                            if out_dtype == "uint8":
-                                r = T.reinterpret(f"uint8x{LANES}", r)
-                            T.buffer_store(y, r, [at])
+                            _vector_step(t, x, y, v * LANES, in_dtype, out_dtype)
             with T.serial(nvec * LANES, size) as i:
                 u = x[i].astype("int32") & 255
                 T.buffer_store(y, t[u].astype(out_dtype), [i])
     return ib.get()
 
 
-def _emulated(t, x, y, at, out_dtype: str) -> None:
-    """The vector step lane by lane, each vpermi2b by its definition: of the table half picked by
-    bit 7 of u, (u & 64 ? second : first) 64-byte quarter, byte u & 63."""
+def _vector_step(t, x, y, at, in_dtype: str, out_dtype: str) -> None:
+    """y[at : at + 64] by two vpermi2b (the quarters of PAIRS) and a blend on the sign bit."""
+    vec = f"int8x{LANES}"
+    quarter = [t[tirx.Ramp(q * LANES, 1, LANES)] for q in range(4)]  # hoisted by LLVM
+    idx = tirx.Ramp(at, 1, LANES)
+    u = x[idx] if in_dtype == "int8" else T.reinterpret(vec, x[idx])
+    lo, hi = (
+        T.call_llvm_pure_intrin(
+            vec, T.llvm_lookup_intrinsic_id(VPERMI2B), quarter[a], u, quarter[b]
+        )
+        for a, b in PAIRS
+    )
+    r = tirx.Select(u < tirx.Broadcast(tirx.const(0, "int8"), LANES), hi, lo)  # u >= 128
+    if out_dtype == "uint8":
+        r = T.reinterpret(f"uint8x{LANES}", r)
+    T.buffer_store(y, r, [idx])
+
+
+def _emulated_step(t, x, y, at, out_dtype: str) -> None:
+    """The same step lane by lane: each vpermi2b by its definition, (u & 64 ? b : a)[u & 63] for
+    its PAIRS quarters, then the same choice on the sign bit (tests the pairs and the blend)."""
     with T.serial(0, LANES) as i:
         u = x[at + i].astype("int32") & 255
-        half, quarter = u >> 7, (u >> 6) & 1
-        T.buffer_store(y, t[half * 128 + quarter * 64 + (u & 63)].astype(out_dtype), [at + i])
+
+        def permi2b(pair):
+            a, b = pair
+            return t[tirx.Select((u & 64) != 0, b * LANES, a * LANES) + (u & 63)]
+
+        lo, hi = (permi2b(pair) for pair in PAIRS)
+        T.buffer_store(y, tirx.Select(u >= 128, hi, lo).astype(out_dtype), [at + i])

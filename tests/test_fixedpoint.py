@@ -131,9 +131,10 @@ def test_bit_length_compiled_equals_reference():
 
 @pytest.mark.parametrize("narrow", [False, True], ids=["int64", "32-bit lanes"])
 def test_layernorm_element_loop_forms_equal_reference(narrow):
-    """te_ops.int_layernorm's two element-loop forms (cpu-int8's int64, cuda-int8's 32-bit lanes)
-    equal the reference on int16 rows at the extremes: |x - mean| near 2^16, the largest
-    variances an int16 row can have (~2^30), and constant rows (variance 0)."""
+    """te_ops.int_layernorm's two element-loop forms (int64: cpu-int8 without AVX-512; 32-bit
+    lanes: cuda-int8 and AVX-512 CPUs) equal the reference on int16 rows at the extremes:
+    |x - mean| near 2^16, the largest variances an int16 row can have (~2^30), and constant
+    rows (variance 0)."""
     import tvm
     from tvm import te
 
