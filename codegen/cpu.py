@@ -608,7 +608,7 @@ class CpuKernels:
         args.append(relax.const(bias_pad))
         name = "int8_dense_amx" + "_rq" * len(rqs)
         func = self._amx_func((1, m, k, n), str(x2d.ty.dtype), rqs, args, name, True, {})
-        y = self._call_amx(ctx, func, name, args, m * n, rqs)
+        y = _call_flat(ctx, func, name, args, m * n, _out_dtype(rqs))
         return ctx.bb.emit(relax.op.reshape(y, (m, n)))
 
     def _bmm_amx(self, ctx, node, rqs, y_layout=None) -> relax.Expr:
@@ -636,7 +636,7 @@ class CpuKernels:
             (g, m, k, n), ctx.dtypes[node.input[0]], rqs, args, name, False, layouts
         )
         size = y_layout.size if y_layout is not None else g * m * n
-        return self._call_amx(ctx, func, name, args, size, rqs)
+        return _call_flat(ctx, func, name, args, size, _out_dtype(rqs))
 
     def _amx_func(self, gmkn, a_dtype, rqs, args: list, name: str, dense: bool, layouts):
         """The kernel; appends the per-column Requantize arrays to `args`."""
@@ -655,12 +655,6 @@ class CpuKernels:
             **layouts,
         )
 
-    @staticmethod
-    def _call_amx(ctx, func: tirx.PrimFunc, name: str, args: list, size: int, rqs) -> relax.Expr:
-        gv = ctx.bb.add_func(func, name)
-        out = relax.TensorType((size,), rqs[-1][4] if rqs else "int32")
-        return ctx.bb.emit(relax.call_tir(gv, relax.Tuple(args), out))
-
     def byte_table(
         self, ctx, x: str, table: np.ndarray, shape: tuple[int, ...]
     ) -> relax.Expr | None:
@@ -671,9 +665,8 @@ class CpuKernels:
             return None
         size = int(np.prod(shape))
         func = cpu_lut.byte_table_func(size, in_dt, out_dt, emulate=self.vbmi == "emulate")
-        gv = ctx.bb.add_func(func, "byte_table")
         args = [_flat(ctx, ctx.value(x)), relax.const(cpu_lut.byte_order(table, in_dt))]
-        y = ctx.bb.emit(relax.call_tir(gv, relax.Tuple(args), relax.TensorType((size,), out_dt)))
+        y = _call_flat(ctx, func, "byte_table", args, size, out_dt)
         return ctx.bb.emit(relax.op.reshape(y, shape))
 
     def dense(self, ctx, node) -> relax.Expr:
@@ -716,9 +709,8 @@ class CpuKernels:
         if rq is not None and isinstance(rq[0], np.ndarray):
             rq_node, rq = None, None  # per-column requantization after a bmm: not folded
         if (
-            self.amx
-            and ctx.dtypes[node.input[0]] in ("int8", "uint8")
-            and (ctx.dtypes[node.input[1]] == "int8")
+            self._on_amx(self.isa, ctx.dtypes[node.input[0]])
+            and ctx.dtypes[node.input[1]] == "int8"
         ):
             return self._batch_matmul_amx(ctx, node, rq_node, rq)
         g = int(np.prod(sa[:-2]))
@@ -820,6 +812,18 @@ class CpuKernels:
 def _flat(ctx, x: relax.Expr) -> relax.Expr:
     """x reshaped to 1-D (a free view in the VM)."""
     return ctx.bb.emit(relax.op.reshape(x, (int(np.prod([int(d) for d in x.ty.shape])),)))
+
+
+def _call_flat(ctx, func: tirx.PrimFunc, name: str, args: list, size: int, dtype: str):
+    """Add a hand-built kernel (AMX GEMM, byte table) and call it: a 1-D `dtype` output."""
+    gv = ctx.bb.add_func(func, name)
+    out = relax.TensorType((size,), dtype)
+    return ctx.bb.emit(relax.call_tir(gv, relax.Tuple(args), out))
+
+
+def _out_dtype(rqs) -> str:
+    """A GEMM's output dtype: its last folded Requantize's, else int32."""
+    return rqs[-1][4] if rqs else "int32"
 
 
 def _merged_layout(ctx, split) -> tuple[Any, cpu_amx.Layout] | None:

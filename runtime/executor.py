@@ -31,6 +31,7 @@ class Executor:
         self.signature = signature
         if threads or not os.environ.get("TVM_NUM_THREADS"):
             compat.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        self._on_cpu = compat.is_cpu(device)  # tensors share the input buffers' memory
         self._lock = threading.Lock()  # one run at a time owns the input buffers below
         self._inputs: tuple[list, list, list] | None = None
 
@@ -43,13 +44,12 @@ class Executor:
         from intq.codegen import compat
 
         if self._inputs is None:
-            cpu = compat.is_cpu(self._device)
             qs, ts, scratch = [], [], []
             for s in self.signature.inputs:
                 shape = (self.signature.batch, *s.shape[1:])
                 q = compat.aligned_empty(shape, s.qdtype)
                 qs.append(q)
-                ts.append(compat.to_device_tensor(q, self._device, zero_copy=cpu))
+                ts.append(compat.to_device_tensor(q, self._device, zero_copy=self._on_cpu))
                 scratch.append(np.empty(shape, np.float64) if s.scale is not None else None)
             self._inputs = (qs, ts, scratch)
         return self._inputs
@@ -64,7 +64,7 @@ class Executor:
         with self._lock:
             qs, ts, scratch = self._input_buffers()
             boundary.quantize_inputs(self.signature.inputs, chunk, qs, scratch)
-            if not compat.is_cpu(self._device):  # a CPU tensor shares q's memory already
+            if not self._on_cpu:  # a CPU tensor shares q's memory already
                 for q, t in zip(qs, ts, strict=True):
                     t.copyfrom(q)
             out = self._vm["main"](*ts)
