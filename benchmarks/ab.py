@@ -1,6 +1,8 @@
 """A/B of intq artifacts of the same model in one process: the VM's `main` of each, interleaved
 for --rounds rounds (one untimed call, then --inner timed calls per turn); medians and
-quartiles. Also checks that they give the same output. Runtime only (the device machine).
+quartiles, and the median over rounds of each artifact's time over the first artifact's in
+the same round (quartiles in brackets). Also checks that they give the same output. Runtime
+only (the device machine).
 
     taskset -c 0,1 python3 benchmarks/ab.py --threads 2 --rounds 25 A.so B.so
 
@@ -43,9 +45,18 @@ def main() -> None:
                 t = time.perf_counter()
                 main(*dev_args)
                 samples[so].append((time.perf_counter() - t) * 1e3)
+    # per round, each artifact's median of its turn over the first artifact's of that round:
+    # the machine's speed drifts within minutes, and a ratio taken within one round cancels it
+    base = np.array(samples[args.artifacts[0]]).reshape(args.rounds, args.inner)
     for so, v in samples.items():
         p25, p50, p75 = np.percentile(v, [25, 50, 75])
-        print(f"{so:40s} median {p50:7.2f} ms  p25 {p25:7.2f}  p75 {p75:7.2f}")
+        turns = np.median(np.array(v).reshape(args.rounds, args.inner), axis=1)
+        ratio = turns / np.median(base, axis=1)
+        r25, r50, r75 = np.percentile(ratio, [25, 50, 75])
+        print(
+            f"{so:40s} median {p50:7.2f} ms  p25 {p25:7.2f}  p75 {p75:7.2f}  "
+            f"/first per round {r50:5.3f} ({r25:5.3f}-{r75:5.3f})"
+        )
 
 
 if __name__ == "__main__":
