@@ -12,6 +12,7 @@ bit for bit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from tvm.script import tirx as T
 from intq.codegen import compat, cpu_amx, cpu_lut, te_ops
 from intq.codegen.lower import fit_affine, index_offsets, requant_split, view_affine
 from intq.errors import LoweringError
+from intq.ops import lookup
 
 # ----------------------------------------------------------------------------------------------
 # Tensor intrinsics: acc[0:L] += sum_{k<2} a16[k] * b8[0:L, k]  ->  one vpmaddwd + vpaddd.
@@ -504,6 +506,31 @@ def schedule_rows(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
             else:
                 sch.compute_at(block, row)
         sch.parallel(row)
+    except Exception:  # noqa: BLE001 - not this shape: maybe a row kernel led by an output
+        return schedule_rows_from_first(func)
+    return compat.mark_scheduled(sch.mod["main"])
+
+
+def schedule_rows_from_first(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """One pass per row for a row kernel whose FIRST stage is an output over the whole tensor
+    (a fused residual add: its sum is an output and the LayerNorm's input; an output stage
+    cannot be computed at a later stage's loop): that stage's row loop is the parallel one and
+    every later stage is computed under it, in order. None when that does not apply."""
+    sch = Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if len(blocks) < 2:
+        return None
+    writes = [compat.region_buffer(w) for w in sch.get(blocks[0]).writes]
+    if not any(w.same_as(p) for w in writes for p in func.params):
+        return None  # only a kernel led by an output stage (else: the per-stage schedule)
+    first = sch.get_loops(blocks[0])
+    if len(first) < 2 or any(iv.iter_type != 0 for iv in sch.get(blocks[0]).iter_vars):
+        return None
+    try:
+        row = sch.fuse(*first[:-1]) if len(first) > 2 else first[0]
+        for block in blocks[1:]:
+            sch.reverse_compute_at(block, row)
+        sch.parallel(row)
     except Exception:  # noqa: BLE001 - not a row kernel: the caller's per-stage schedule
         return None
     return compat.mark_scheduled(sch.mod["main"])
@@ -519,6 +546,11 @@ class CpuKernels:
         isa = pick_isa(target)
         self.amx = amx or ("hw" if isa == "amx" else None)
         self.amx_prefetch = True  # cpu_amx.gemm_amx_func(prefetch=)
+        self.amx_k_chunk: int | None = None  # cpu_amx.gemm_amx_func(k_chunk=); None: by shape
+        # a residual IntAdd and the IntLayerNorm reading it as one row kernel (two outputs)
+        self.fuse_add_layernorm = True
+        # attention's Q K^T, its Requantize and the IntSoftmax as one AMX kernel
+        self.fuse_softmax = True
         # LayerNorm's element loop in 32-bit lanes (te_ops.int_layernorm(narrow=True), same
         # values): on the AVX-512 Xeon 54 -> 51 us per DeiT-Small LayerNorm; slower on AVX2
         self.narrow_layernorm = tvm.target.codegen.target_has_features("avx512f", target)
@@ -611,7 +643,27 @@ class CpuKernels:
         y = _call_flat(ctx, func, name, args, m * n, _out_dtype(rqs))
         return ctx.bb.emit(relax.op.reshape(y, (m, n)))
 
-    def _bmm_amx(self, ctx, node, rqs, y_layout=None) -> relax.Expr:
+    def _softmax_reader(self, ctx, node, rq_node, rq):
+        """The IntSoftmax reading this batched matmul's output (through a per-tensor int32
+        Requantize, if any) when the AMX kernel can run it over its rows (`fuse_softmax`,
+        rows of at most SOFTMAX_FUSE_MAX_N, at least MIN_TASKS 32-row blocks); else None."""
+        if not self.fuse_softmax:
+            return None
+        if rq is not None and (isinstance(rq[0], np.ndarray) or rq[4] != "int32"):
+            return None
+        src = rq_node.output[0] if rq_node is not None else node.output[0]
+        sm = ctx.sole_consumer(src, "IntSoftmax")
+        shape = ctx.shapes[node.output[0]]
+        n, g = int(shape[-1]), int(np.prod(shape[:-2]))
+        tasks = g * cpu_amx.round_up(int(shape[-2]), cpu_amx.BLOCK) // cpu_amx.BLOCK
+        if sm is None or n > SOFTMAX_FUSE_MAX_N or ctx.shapes[sm.output[0]] != ctx.shapes[src]:
+            return None
+        if tasks < cpu_amx.MIN_TASKS:  # one task per 32 whole rows: too few to share out
+            return None
+        fb = lookup(sm).attrs_of(sm)["frac_bits"]
+        return _FusedSoftmax(sm, rq_node.output[0] if rq_node is not None else "", fb)
+
+    def _bmm_amx(self, ctx, node, rqs, y_layout=None, softmax: int | None = None) -> relax.Expr:
         """IntMatMul [.., M, K] (s8 / u8) x [.., K, N] s8 on AMX, B packed per call inside the
         kernel. An operand that is a view (lower.View: a q / k / v head inside the qkv
         projection's output) with an affine layout is read in place. Returns y flat: [G*M*N],
@@ -631,14 +683,17 @@ class CpuKernels:
                 layouts[key] = layout
         if y_layout is not None:
             layouts["y_layout"] = y_layout
-        name = "int8_bmm_amx" + "_rq" * len(rqs)
+        name = "int8_bmm_amx" + "_rq" * len(rqs) + ("_softmax" if softmax is not None else "")
         func = self._amx_func(
-            (g, m, k, n), ctx.dtypes[node.input[0]], rqs, args, name, False, layouts
+            (g, m, k, n), ctx.dtypes[node.input[0]], rqs, args, name, False, layouts, softmax
         )
         size = y_layout.size if y_layout is not None else g * m * n
-        return _call_flat(ctx, func, name, args, size, _out_dtype(rqs))
+        out_dt = "uint8" if softmax is not None else _out_dtype(rqs)
+        return _call_flat(ctx, func, name, args, size, out_dt)
 
-    def _amx_func(self, gmkn, a_dtype, rqs, args: list, name: str, dense: bool, layouts):
+    def _amx_func(
+        self, gmkn, a_dtype, rqs, args: list, name: str, dense: bool, layouts, softmax=None
+    ):
         """The kernel; appends the per-column Requantize arrays to `args`."""
         for rb, rc, *_ in rqs:
             if isinstance(rb, np.ndarray):
@@ -652,6 +707,8 @@ class CpuKernels:
             name=name,
             emulate=self.amx == "emulate",
             prefetch=self.amx_prefetch,
+            k_chunk=self.amx_k_chunk,
+            softmax=softmax,
             **layouts,
         )
 
@@ -712,6 +769,13 @@ class CpuKernels:
             self._on_amx(self.isa, ctx.dtypes[node.input[0]])
             and ctx.dtypes[node.input[1]] == "int8"
         ):
+            sm = self._softmax_reader(ctx, node, rq_node, rq)
+            if sm is not None:  # Q K^T, its Requantize and the Softmax: one kernel
+                y = self._bmm_amx(ctx, node, [rq] if rq else [], softmax=int(sm.frac_bits))
+                out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[sm.node.output[0]]))
+                ctx.skipped.update(o for o in (node.output[0], sm.rq_out) if o)
+                ctx.bind_folded(sm.node, out)
+                return out
             return self._batch_matmul_amx(ctx, node, rq_node, rq)
         g = int(np.prod(sa[:-2]))
         a = ctx.value(node.input[0])
@@ -807,6 +871,16 @@ class CpuKernels:
         if rq_node is not None:
             ctx.bind_folded(rq_node, out)
         return out
+
+
+SOFTMAX_FUSE_MAX_N = 1024  # longest rows the AMX kernel runs Softmax over (a task's rows)
+
+
+@dataclass(frozen=True)
+class _FusedSoftmax:
+    node: Any  # the IntSoftmax
+    rq_out: str  # the output of the Requantize between (never stored), or ""
+    frac_bits: int  # its frac_bits
 
 
 def _flat(ctx, x: relax.Expr) -> relax.Expr:

@@ -22,8 +22,10 @@ load), so the epilogue's product is int32 x int32; a batched matmul's from zero.
 at most 32 runs of consecutive tasks, each loading the tile configuration once. Per output block
 a task runs the k loop (prefetching the next block's B rows) and stores C to one of two
 [32, 32] int32 buffers; a block's epilogue is issued after the next block's multiplies, so
-vector and tile work overlap. A last row block of at most 16 rows runs as half a block (A tile
-4, C tiles 0-1).
+vector and tile work overlap. Where K is deep (Kp > 512 bytes) a task runs K in passes of 8
+k-steps over its blocks (`k_chunk_steps`), each block's partial sums kept in a per-task
+accumulator between passes, so one pass's A rows (16 KB) stay in L1. A last row block of at
+most 16 rows runs as half a block (A tile 4, C tiles 0-1).
 
 Padding without copies: A is read in place, rows of 64 bytes at the layout's row stride. A
 k-step past K reads bytes after the row and a row past M later rows: both meet zero rows of the
@@ -58,6 +60,9 @@ DOTS = ((0, 4, 6), (1, 4, 7), (2, 5, 6), (3, 5, 7))
 CORNERS = ((0, 0, 0), (1, 0, 16), (2, 16, 0), (3, 16, 16))
 MAX_PER, MIN_TASKS = 8, 16  # column blocks per task (at most), tasks per kernel (at least)
 TASK_GROUPS = 32  # parallel iterations (runs of tasks) per kernel, at most
+EPILOGUE_LANES = 32  # epilogue vector width (32: a block row; 4 = 256-bit int64 vectors)
+K_CHUNK = 8  # k-steps (512 bytes of K) per pass over a task's blocks when K is deep
+K_CHUNK_ABOVE = 512  # Kp above which the task's blocks run K in chunks (A's 32 rows > 16 KB)
 
 
 def round_up(a: int, b: int) -> int:
@@ -189,6 +194,17 @@ def _task_split(row_blocks: int, nblocks: int) -> int:
     return 1
 
 
+def k_chunk_steps(kp: int) -> int:
+    """k-steps per pass over a task's blocks: all of them (one pass) up to K_CHUNK_ABOVE bytes
+    of K, else K_CHUNK. In one pass a task reads its 32 A rows once per output block; at
+    Kp = 1536 they are 48 KB, L1's size, so every block re-reads them from L2 beside its B, and
+    the kernel waits on L2 (fc2 took 1.7x fc1's time for the same MACs on the Xeon). In chunks
+    the A rows of one chunk (16 KB) stay in L1 across the blocks, whose partial sums wait in a
+    per-task accumulator (4 KB a block)."""
+    nk = kp // KSTEP
+    return nk if kp <= K_CHUNK_ABOVE else K_CHUNK
+
+
 def _task_groups(ntasks: int) -> int:
     """Parallel iterations, each a run of consecutive tasks: one tile configuration and one
     set of buffers per run, not per task. TASK_GROUPS runs keep 2 to 16 threads balanced."""
@@ -242,6 +258,8 @@ def gemm_amx_func(
     emulate: bool = False,
     probe: str = "",
     prefetch: bool = True,
+    k_chunk: int | None = None,
+    softmax: int | None = None,
 ) -> tirx.PrimFunc:
     """PrimFunc y[g] = epilogue(A[g] @ B[g] + bias), A[g]: M x K, B[g]: K x N, for g < G.
 
@@ -256,12 +274,26 @@ def gemm_amx_func(
     probe (benchmarks/amx_probe.py only; wrong results): "no_epilogue" drops the epilogue,
     "compute_only" also three of the four C stores, to time the parts of the kernel apart.
     prefetch: software-prefetch each next block's B (see compute) - a hint, same results.
+    k_chunk: k-steps per pass over a task's blocks (default `k_chunk_steps`); the sums are the
+    same exact int32 sums in any order.
+    softmax: IntSoftmax (frac_bits) over each output row, fused (attention's Q K^T): a task
+    then covers whole rows, its epilogues write int32 rows into a task buffer, and the task
+    ends with Shiftmax over its rows (te_ops' element expressions, int_softmax's values) and
+    writes uint8 probabilities; `rqs` must be per-tensor with an int32 result.
     """
     kp, np_ = round_up(k, KSTEP), round_up(n, BLOCK)
     mblocks, nblocks = round_up(m, BLOCK) // BLOCK, np_ // BLOCK
-    per = _task_split(g * mblocks, nblocks)
+    per = _task_split(g * mblocks, nblocks) if softmax is None else nblocks  # whole rows
+    if softmax is not None and (
+        (rqs and rqs[-1][4] != "int32") or any(isinstance(r[0], np.ndarray) for r in rqs)
+    ):
+        raise ValueError("AMX GEMM with softmax: per-tensor Requantizes to int32 only")
+    nk = kp // KSTEP
+    # one block per task reads its A rows once whatever K is: passes would only add acc traffic
+    kc = nk if per == 1 else min(nk, k_chunk or k_chunk_steps(kp))
+    kpasses = (nk + kc - 1) // kc  # passes over the task's blocks; the last one runs epilogues
     nchunks = nblocks // per
-    out_dtype = rqs[-1][4] if rqs else "int32"
+    out_dtype = "uint8" if softmax is not None else (rqs[-1][4] if rqs else "int32")
     tiles = _Tiles(a_dtype, emulate)
     al = a_layout or Layout.dense(g, m, k)
     bl = b_layout or Layout.dense(g, k, n)
@@ -298,10 +330,16 @@ def gemm_amx_func(
                 # multiplies are issued, so the core overlaps the two
                 cbuf = T.alloc_buffer((2, BLOCK, BLOCK), "int32", align=64)
                 c_flat = _flat(cbuf, 2 * BLOCK * BLOCK)
+                if kpasses > 1:  # each block's sums between passes over K
+                    acc = T.alloc_buffer((per, BLOCK, BLOCK), "int32", align=64)
+                    acc_flat = _flat(acc, per * BLOCK * BLOCK)
+                if softmax is not None:  # the task's rows of scores, then of exponentials
+                    sm = _SoftmaxRows(n, np_, softmax)
 
                 def task_body(task) -> None:
                     """Task = (g, column chunk, 32-row block), row blocks fastest: a run of
-                    consecutive tasks shares its B column chunk."""
+                    consecutive tasks shares its B column chunk (on the Xeon 6 % faster than
+                    chunks fastest, whose runs share A rows; docs/PERFORMANCE.md)."""
                     gg = task // (nchunks * mblocks)
                     nc = task // mblocks % nchunks
                     mb = task % mblocks
@@ -309,21 +347,41 @@ def gemm_amx_func(
                     y_row0 = yl.g_offset(gg) + mb * BLOCK * yl.row
 
                     def compute(
-                        src, src_at, stride: int, nb, buf: int, half: bool, ahead: bool
+                        src, src_at, stride: int, nb, half: bool, ahead, ks, fresh, src_c, dst
                     ) -> None:
-                        """C of output block nb -> cbuf[buf]; A row r at src[src_at + r * stride].
+                        """Block nb's sums over k-steps ks = (lo, hi) -> dst = (flat buffer,
+                        offset) of a [32, 32] int32 block; A row r at src[src_at + r * stride].
+                        C starts from the bias (one row repeated) or 0 where `fresh` (True or
+                        a condition), else from src_c (the sums of the earlier k-steps).
                         half: the block's first 16 rows only (C tiles 0-1, A tile 4). ahead (a
                         condition): also prefetch block nb + 1's B rows of each k-step (its 32
                         lines) while this block's multiplies run: a weight comes from L3 or
                         memory on its first use in a model run, and a tile load waits for all
                         its 16 lines."""
                         corners = CORNERS[:2] if half else CORNERS
-                        for t, _, c in corners:  # C = bias (one row repeated) or 0
-                            if bias_t is not None:
-                                tiles.load(t, bias_t, nb * BLOCK + c, 0)
-                            else:
-                                tiles.zero(t)
-                        with T.serial(0, kp // KSTEP) as kb:
+
+                        def start() -> None:
+                            for t, _, c in corners:
+                                if bias_t is not None:
+                                    tiles.load(t, bias_t, nb * BLOCK + c, 0)
+                                else:
+                                    tiles.zero(t)
+
+                        def resume() -> None:
+                            for t, r, c in corners:
+                                tiles.load(t, src_c[0], src_c[1] + r * BLOCK + c, BLOCK)
+
+                        if fresh is True:
+                            start()
+                        elif fresh is False:
+                            resume()
+                        else:
+                            with T.If(fresh):
+                                with T.Then():
+                                    start()
+                                with T.Else():
+                                    resume()
+                        with T.serial(ks[0], ks[1]) as kb:
 
                             def a_tile(i, kb=kb):
                                 off = src_at + i * TILE_ROWS * stride + kb * KSTEP
@@ -351,22 +409,44 @@ def gemm_amx_func(
                                 a_tile(1)
                                 tiles.dot(*DOTS[2])
                                 tiles.dot(*DOTS[3])
-                        for t, r, c in corners[: 1 if probe == "compute_only" else 4]:
-                            tiles.store(t, c_flat, (buf * BLOCK + r) * BLOCK + c, BLOCK)
+                        partial = dst[0] is not c_flat  # sums between passes: always stored
+                        kept = 1 if probe == "compute_only" and not partial else 4
+                        for t, r, c in corners[:kept]:
+                            tiles.store(t, dst[0], dst[1] + r * BLOCK + c, BLOCK)
 
                     def epilogue(nb, buf: int) -> None:
                         if probe:
                             return
                         with T.serial(0, tirx.min(BLOCK, m - mb * BLOCK)) as r:
-                            y_at = y_row0 + r * yl.row + nb * BLOCK
-                            _epilogue_row(y, cbuf, buf, r, y_at, nb * BLOCK, n, stages)
+                            if softmax is not None:  # into the task's rows (all 32 columns)
+                                at = r * np_ + nb * BLOCK
+                                _epilogue_row(sm.scores, cbuf, buf, r, at, nb * BLOCK, np_, stages)
+                            else:
+                                y_at = y_row0 + r * yl.row + nb * BLOCK
+                                _epilogue_row(y, cbuf, buf, r, y_at, nb * BLOCK, n, stages)
 
                     def blocks(src, src_at, stride: int, half: bool) -> None:
                         """The task's `per` output blocks (a loop: the code size does not grow
-                        with `per`), epilogues one block behind; A row r of the block at
-                        src[src_at + r * stride]."""
+                        with `per`); A row r of the block at src[src_at + r * stride]. Deep K
+                        runs in kpasses passes over the blocks, k-steps [p kc, (p + 1) kc):
+                        the earlier passes leave each block's sums in acc, the last one stores
+                        to a C buffer and runs the epilogues one block behind."""
+                        last = ((kpasses - 1) * kc, nk)
+                        if kpasses > 1:
+                            with T.serial(0, kpasses - 1) as p:
+                                with T.serial(0, per) as i:
+                                    at = (acc_flat, i * BLOCK * BLOCK)
+                                    ks = (p * kc, p * kc + kc)
+                                    ahead = i + 1 < per
+                                    nb = nc * per + i
+                                    run = dict(ks=ks, fresh=p == 0, src_c=at, dst=at)
+                                    compute(src, src_at, stride, nb, half, ahead, **run)
                         with T.serial(0, per) as i:
-                            compute(src, src_at, stride, nc * per + i, i % 2, half, i + 1 < per)
+                            acc_at = (acc_flat, i * BLOCK * BLOCK) if kpasses > 1 else None
+                            c_at = (c_flat, i % 2 * BLOCK * BLOCK)
+                            ahead = i + 1 < per
+                            run = dict(ks=last, fresh=kpasses == 1, src_c=acc_at, dst=c_at)
+                            compute(src, src_at, stride, nc * per + i, half, ahead, **run)
                             with T.If(i > 0):
                                 with T.Then():
                                     epilogue(nc * per + i - 1, (i + 1) % 2)
@@ -394,11 +474,46 @@ def gemm_amx_func(
                                 place(False)
                     else:
                         place(False)
+                    if softmax is not None and not probe:
+                        sm.rows(y, y_row0, yl.row, tirx.min(BLOCK, m - mb * BLOCK))
 
                 with T.serial(grp * ntasks // groups, (grp + 1) * ntasks // groups) as task:
                     task_body(task)
                 tiles.release()
     return ib.get()
+
+
+class _SoftmaxRows:
+    """Shiftmax over the rows of a task's [32, Np] int32 scores (columns >= N unused), each
+    row's uint8 probabilities written to y: te_ops.int_softmax's stages (row max, the
+    exponentials kept per row, their sum, the reciprocal, the outputs) and element expressions,
+    so the values are the same; LLVM vectorizes the loops."""
+
+    def __init__(self, n: int, np_: int, frac_bits: int) -> None:
+        self.n, self.np_, self.frac_bits = n, np_, frac_bits
+        self.narrow = te_ops.softmax_narrow(n, frac_bits)
+        self.acc = "int32" if self.narrow else "int64"
+        self.scores = _flat(T.alloc_buffer((BLOCK, np_), "int32", align=64), BLOCK * np_)
+        self.exps = T.alloc_buffer((np_,), self.acc, align=64)
+        self.mx = T.alloc_buffer((1,), "int32")
+        self.sum = T.alloc_buffer((1,), self.acc)
+
+    def rows(self, y, y_row0, y_row: int, nrows) -> None:
+        n, sc, e, mxb, sb, fb = self.n, self.scores, self.exps, self.mx, self.sum, self.frac_bits
+        with T.serial(0, nrows) as r:
+            at = r * self.np_
+            T.buffer_store(mxb, sc[at], [0])
+            with T.serial(1, n) as j:
+                T.buffer_store(mxb, tirx.max(mxb[0], sc[at + j]), [0])
+            with T.serial(0, n) as j:
+                v = te_ops.softmax_exp_expr(sc[at + j], mxb[0], fb, self.narrow, "int32")
+                T.buffer_store(e, v.astype(self.acc), [j])
+            T.buffer_store(sb, tirx.const(0, self.acc), [0])
+            with T.serial(0, n) as j:
+                T.buffer_store(sb, sb[0] + e[j], [0])
+            recip = te_ops.softmax_recip_expr(sb[0], self.acc)
+            with T.serial(0, n) as j:
+                T.buffer_store(y, te_ops.softmax_out_expr(e[j], recip), [y_row0 + r * y_row + j])
 
 
 def _pack_b(bp, b_flat, bl: Layout, g: int, k: int, n: int, kp: int, np_: int) -> None:
@@ -474,8 +589,10 @@ def _epilogue_row(y, cbuf, buf: int, r, y_at, col0, n: int, stages) -> None:
         return v
 
     def direct() -> None:
-        with T.vectorized(0, BLOCK) as j:
-            T.buffer_store(y, value(j, False), [y_at + j])
+        with T.serial(0, BLOCK // EPILOGUE_LANES) as jo:
+            with T.vectorized(0, EPILOGUE_LANES) as ji:
+                j = jo * EPILOGUE_LANES + ji
+                T.buffer_store(y, value(j, False), [y_at + j])
 
     if n % BLOCK == 0:
         direct()

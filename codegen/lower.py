@@ -254,8 +254,8 @@ def to_relax(model: onnx.ModelProto, kernels: Any = None) -> tvm.IRModule:  # no
                     raise LoweringError(
                         f"lowering node {node.name!r} ({node.op_type}) failed: {e}"
                     ) from e
-                if node.output[0] not in ctx.views:  # else written inside another buffer
-                    ctx.env[node.output[0]] = out
+                if node.output[0] not in ctx.views and node.output[0] not in ctx.skipped:
+                    ctx.env[node.output[0]] = out  # (else inside another buffer, or fused away)
             outs = [ctx.env[o.name] for o in g.output]
             result = outs[0] if len(outs) == 1 else relax.Tuple(outs)
             gv = bb.emit_output(result)
@@ -553,6 +553,17 @@ def _int_add(ctx: LowerCtx, node, attrs):
         else:
             args.append(ctx.value(name))
             rqs.append(None)
+    ln = _layernorm_reader(ctx, node)
+    if ln is not None:  # the residual add and the LayerNorm that reads it: one row pass
+
+        def add(a, b):  # "_row": computed per row inside the LayerNorm's row loop
+            return te_ops.int_add(a, b, shape, dt, lo, hi, rqs[0], rqs[1], name="int_add_row")
+
+        out = node.output[0]
+        keep = out in ctx.graph_outputs or len(ctx.consumers.get(out, [])) > 1
+        if not keep:  # the LayerNorm is its only reader (post-LN): the sum is never stored
+            ctx.skipped.add(out)
+        return _emit_layernorm(ctx, ln, lookup(ln).attrs_of(ln), args, add, keep)
     return ctx.emit_te(
         lambda a, b: te_ops.int_add(a, b, shape, dt, lo, hi, rqs[0], rqs[1]),
         *args,
@@ -560,35 +571,60 @@ def _int_add(ctx: LowerCtx, node, attrs):
     )
 
 
+def _layernorm_reader(ctx: LowerCtx, node) -> onnx.NodeProto | None:
+    """The IntLayerNorm reading IntAdd `node`'s output over the same shape, when the kernel
+    library fuses the two (capability `fuse_add_layernorm`); other readers of the sum (the
+    residual stream) read the fused kernel's first output."""
+    if not getattr(ctx.kernels, "fuse_add_layernorm", False):
+        return None
+    out = node.output[0]
+    lns = [n for n in ctx.consumers.get(out, []) if n.op_type == "IntLayerNorm"]
+    if len(lns) != 1 or lns[0].input[0] != out or ctx.shapes[lns[0].output[0]] != ctx.shapes[out]:
+        return None
+    if any(i not in ctx.consts for i in lns[0].input[1:3]):
+        return None
+    return lns[0]
+
+
 @lowering("IntLayerNorm")
 def _int_layernorm(ctx: LowerCtx, node, attrs):
-    """One kernel; a following Requantize that alone reads the output runs in its last stage."""
+    return _emit_layernorm(ctx, node, attrs, [ctx.value(node.input[0])])
+
+
+def _emit_layernorm(
+    ctx: LowerCtx, node, attrs, x_args: list, add=None, keep_sum: bool = True
+) -> relax.Expr:
+    """One LayerNorm kernel; a following Requantize that alone reads the output runs in its
+    last stage. `add` (te.Tensors of `x_args` -> te.Tensor): the LayerNorm's input computed in
+    the same kernel (fused IntAdd), row by row; with `keep_sum` the kernel has two outputs,
+    the sum (returned: the IntAdd's value) and the LayerNorm (bound to `node`'s output), else
+    the LayerNorm alone (returned and bound)."""
     kw = dict(eps=int(attrs["epsilon"]), frac_bits=int(attrs["frac_bits"]))
     kw["narrow"] = bool(getattr(ctx.kernels, "narrow_layernorm", False))
     shape = ctx.shapes[node.output[0]]
-    args = [ctx.value(i) for i in node.input]
     rq_node = ctx.sole_consumer(node.output[0], "Requantize")
     rq = ctx.last_axis_requant(rq_node, len(shape), shape[-1]) if rq_node is not None else None
-    if rq is None:
-        return ctx.emit_te(
-            lambda x, g, b: te_ops.int_layernorm(x, g, b, **kw), *args, name="int_layernorm"
-        )
-    if isinstance(rq[0], np.ndarray):
-        out = ctx.emit_te(
-            lambda x, g, b, tb, tc: te_ops.int_layernorm(x, g, b, rq=(tb, tc, *rq[2:]), **kw),
-            *args,
-            relax.const(rq[0]),
-            relax.const(rq[1]),
-            name="int_layernorm_rq",
-        )
-    else:
-        out = ctx.emit_te(
-            lambda x, g, b: te_ops.int_layernorm(x, g, b, rq=rq, **kw),
-            *args,
-            name="int_layernorm_rq",
-        )
-    ctx.bind_folded(rq_node, out)
-    return out
+    rq_args = [relax.const(v) for v in rq[:2]] if rq and isinstance(rq[0], np.ndarray) else []
+
+    def kernel(*ts):
+        x = add(*ts[: len(x_args)]) if add is not None else ts[0]
+        g, b, *trq = ts[len(x_args) :]
+        r = (*trq, *rq[2:]) if trq else rq
+        y = te_ops.int_layernorm(x, g, b, rq=r, **kw)
+        return [x, y] if add is not None and keep_sum else y
+
+    name = ("int_add_" if add is not None else "") + "int_layernorm" + ("_rq" if rq else "")
+    gamma, beta = (ctx.value(i) for i in node.input[1:3])
+    out = ctx.emit_te(kernel, *x_args, gamma, beta, *rq_args, name=name)
+    result = out
+    if add is not None and keep_sum:
+        result = ctx.bb.emit(relax.TupleGetItem(out, 0))
+        out = ctx.bb.emit(relax.TupleGetItem(out, 1))
+    if add is not None:
+        ctx.env[node.output[0]] = out
+    if rq is not None:
+        ctx.bind_folded(rq_node, out)
+    return result
 
 
 @lowering("IntSoftmax")

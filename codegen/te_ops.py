@@ -87,6 +87,7 @@ def int_add(
     hi: int,
     rq_a=None,
     rq_b=None,
+    name: str = "int_add",
 ):
     """saturate(A + B) with numpy broadcasting; `rq_a` / `rq_b` = (b, c, lo, hi, dtype): that
     operand is Requantize(t) of the tensor given, applied here (per-tensor)."""
@@ -98,7 +99,7 @@ def int_add(
     return te.compute(
         tuple(out_shape),
         lambda *i: int_add_expr(a(*index(a, i)), b(*index(b, i)), lo, hi, dtype, rq_a, rq_b),
-        name="int_add",
+        name=name,
     )
 
 
@@ -235,52 +236,71 @@ def _layernorm_normalise_i32(x, mean, std, gamma, beta, frac_bits: int, magic):
     return q.astype("int64") * _i64(gamma) + _i64(beta)
 
 
+def softmax_narrow(n: int, frac_bits: int) -> bool:
+    """Whether Shiftmax over rows of n runs its per-element work in int32 (the same values as
+    int64, see `int_softmax`)."""
+    return frac_bits <= fp.EXP2_I32_MAX_FRAC and n < (1 << (31 - fp.EXP2_BITS - 1))
+
+
+def softmax_exp_expr(x, mx, frac_bits: int, narrow: bool, x_dtype: str):
+    """exp2(-(max - x)) of one element of a Shiftmax row (core.softmax_core): `x` and the row
+    max `mx` as expressions of dtype `x_dtype`; int32 when `narrow`, else int64."""
+    if not narrow:
+        return fp.exp2_neg(_i64(mx) - _i64(x), frac_bits, TE)
+    if tvm.DataType(x_dtype).bits <= 32:
+        # 0 <= max - x < 2^32: exact as a uint32 difference, capped (< 2^31) in uint32
+        d = mx.astype("uint32") - x.astype("uint32")
+        d = fp.exp2_neg_arg(d, frac_bits, TE).astype("int32")
+    else:
+        d = fp.exp2_neg_arg(_i64(mx) - _i64(x), frac_bits, TE).astype("int32")
+    return fp.exp2_neg(d, frac_bits, TE).astype("int32")
+
+
+def softmax_recip_expr(row_sum, acc: str):
+    """The row's reciprocal 2^SOFTMAX_RECIP_BITS // sum."""
+    return tirx.const(1 << core.SOFTMAX_RECIP_BITS, acc) // row_sum
+
+
+def softmax_out_expr(e, recip):
+    """One uint8 probability from its exponential and the row's reciprocal."""
+    shift = core.SOFTMAX_RECIP_BITS - core.SOFTMAX_OUT_BITS
+    return tirx.min(
+        (e * recip + (1 << (shift - 1))) >> shift, (1 << core.SOFTMAX_OUT_BITS) - 1
+    ).astype("uint8")
+
+
 def int_softmax(x: te.Tensor, *, frac_bits: int, pad_to: int | None = None) -> te.Tensor:
     """core.softmax_core per row. When frac_bits <= SOFTMAX_I32_MAX_FRAC the per-element work
     runs in int32 (exactly the int64 values, see fixedpoint.exp2_neg_arg): d = max - x is
     formed as a uint32 difference (int64 for 64-bit x) and capped, then exp2_neg, the row sum
     (< 2^31 for rows < 2^17) and e * recip + 2^21 (<= 2^30 + 2^21) all fit in int32. With
     `pad_to` (>= the row length) the rows are written `pad_to` long, zeros after the row
-    (aligned rows for a GEMM reading them)."""
+    (aligned rows for a GEMM reading them). The element expressions (`softmax_exp_expr`,
+    `softmax_recip_expr`, `softmax_out_expr`) are shared with the AMX kernel's fused form."""
     n = int(x.shape[-1])
     # the row max in x's own dtype (exact), widened where it is used
     mx_x = _row_reduce(x, lambda r, k: x(*r, k), "sm_max", kind="max")
-    mx = te.compute(mx_x.shape, lambda *i: _i64(mx_x(*i)), name="sm_max64")
-    narrow = frac_bits <= fp.EXP2_I32_MAX_FRAC and n < (1 << (31 - fp.EXP2_BITS - 1))
-
-    def exp_at(r, k):
-        if not narrow:
-            return fp.exp2_neg(mx(*r, 0) - _i64(x(*r, k)), frac_bits, TE)
-        if tvm.DataType(x.dtype).bits <= 32:
-            # 0 <= max - x < 2^32: exact as a uint32 difference, capped (< 2^31) in uint32
-            d = mx_x(*r, 0).astype("uint32") - x(*r, k).astype("uint32")
-            d = fp.exp2_neg_arg(d, frac_bits, TE).astype("int32")
-        else:
-            d = fp.exp2_neg_arg(mx(*r, 0) - _i64(x(*r, k)), frac_bits, TE).astype("int32")
-        return fp.exp2_neg(d, frac_bits, TE)
-
+    narrow = softmax_narrow(n, frac_bits)
     acc = "int32" if narrow else "int64"
     # the exponentials once, kept per row (a "_row" stage: schedule_rows computes it inside the
     # row loop instead of inlining it into both readers)
-    e = te.compute(x.shape, lambda *i: exp_at(i[:-1], i[-1]).astype(acc), name="sm_exp_row")
+    e = te.compute(
+        x.shape,
+        lambda *i: softmax_exp_expr(x(*i), mx_x(*i[:-1], 0), frac_bits, narrow, x.dtype).astype(
+            acc
+        ),
+        name="sm_exp_row",
+    )
     k = te.reduce_axis((0, n), name="k_sm_sum")
     s = te.compute(
         (*x.shape[:-1], 1),
         lambda *i: te.sum(e(*i[:-1], k), axis=k),
         name="sm_sum",
     )
-    recip = te.compute(
-        s.shape,
-        lambda *i: tirx.const(1 << core.SOFTMAX_RECIP_BITS, acc) // s(*i),
-        name="sm_rcp",
-    )
-    shift = core.SOFTMAX_RECIP_BITS - core.SOFTMAX_OUT_BITS
+    recip = te.compute(s.shape, lambda *i: softmax_recip_expr(s(*i), acc), name="sm_rcp")
 
     def out(*i):
-        return tirx.min(
-            (e(*i) * recip(*i[:-1], 0) + (1 << (shift - 1))) >> shift,
-            (1 << core.SOFTMAX_OUT_BITS) - 1,
-        ).astype("uint8")
+        return softmax_out_expr(e(*i), recip(*i[:-1], 0))
 
     if pad_to is None or pad_to == n:
         return te.compute(x.shape, out, name="int_softmax")

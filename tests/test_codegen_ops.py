@@ -378,3 +378,76 @@ def test_dense_requantize_gelu_chain(requant_after):
             "c2": c2,
         },
     )
+
+
+def _residual_graph(ln_reads_sum: bool = True, post_ln: bool = False):
+    """x' = Requantize(x); s = IntAdd(x', r); l = Requantize(IntLayerNorm(s or r), int8 per
+    channel); out = IntAdd(s, Requantize(l, int16)): the sum is read by the LayerNorm and by the
+    residual stream, as in a pre-LN transformer block. post_ln: out = l (BERT's post-LN: the
+    LayerNorm is the sum's only reader)."""
+    c = 48
+    b, cc = mult([0.71])
+    bl, cl = mult(RNG.uniform(2e-3, 9e-3, c))
+    b16, c16 = mult([37.0])
+    nodes = [
+        make_node("Requantize", ["x", "b", "c"], ["xq"], "rq_x", to=TensorProto.INT16),
+        make_node("IntAdd", ["xq", "r"], ["s"], "add", to=TensorProto.INT16),
+        make_node(
+            "IntLayerNorm",
+            ["s" if ln_reads_sum else "r", "g", "beta"],
+            ["l"],
+            "ln",
+            epsilon=5,
+            frac_bits=10,
+        ),
+        make_node("Requantize", ["l", "bl", "cl"], ["l8"], "rq_l", axis=-1, to=TensorProto.INT8),
+        make_node("Requantize", ["l8", "b16", "c16"], ["l16"], "rq16", to=TensorProto.INT16),
+        make_node("IntAdd", ["s", "l16"], ["y"], "add_out", to=TensorProto.INT16),
+    ]
+    if post_ln:
+        nodes = nodes[:4]
+    x = ri(-32768, 32767, (2, 7, c), np.int16)
+    x[0, 0] = 32767  # saturating sums
+    feeds = {"x": x, "r": ri(-20000, 20000, (2, 7, c), np.int16)}
+    consts = {
+        "b": b.reshape(()),
+        "c": cc.reshape(()),
+        "bl": bl,
+        "cl": cl,
+        "b16": b16.reshape(()),
+        "c16": c16.reshape(()),
+        "g": ri(-2047, 2047, c, np.int32),
+        "beta": ri(-(2**18), 2**18, c, np.int32),
+    }
+    if post_ln:
+        del consts["b16"], consts["c16"]
+    return nodes, feeds, consts
+
+
+@pytest.mark.parametrize(
+    "fuse,ln_reads_sum,post_ln",
+    [(True, True, False), (False, True, False), (True, False, False), (True, True, True)],
+)
+def test_residual_add_fused_into_layernorm(fuse, ln_reads_sum, post_ln):
+    """cpu-int8 runs a residual IntAdd and the IntLayerNorm reading it as one row kernel: two
+    outputs (the sum for the residual stream, the requantized LayerNorm), or the LayerNorm
+    alone when it is the sum's only reader (post-LN); bit-exact either way. It must not fire
+    without the capability or when the LayerNorm reads another tensor."""
+    nodes, feeds, consts = _residual_graph(ln_reads_sum, post_ln)
+    m, out = integer_graph(nodes, feeds, consts)
+    kernels = CpuKernels(TARGET)
+    kernels.fuse_add_layernorm = fuse
+    mod = kernels.schedule(to_relax(m, kernels))
+    names = sorted(gv.name_hint for gv, f in mod.functions_items() if gv.name_hint != "main")
+    fused = [n for n in names if n.startswith("int_add_int_layernorm_rq")]
+    adds = [n for n in names if n.startswith("int_add") and n not in fused]
+    assert len(fused) == (1 if fuse and ln_reads_sum else 0), names
+    assert len(adds) == (1 if fused else 2) - post_ln, names
+    if fused:  # one parallel pass over rows, not one per stage; the sum stored only if read
+        func = mod[fused[0]]
+        assert str(func).count("T.parallel") == 1
+        assert len(func.params) == (5 if post_ln else 6) + 2  # x, r, gamma, beta, rq b / c
+    vm = compat.virtual_machine(compat.build(mod, TARGET))
+    got = compat.to_numpy(vm["main"](*[compat.to_device_tensor(v) for v in feeds.values()]))
+    want = ReferenceInterpreter(m).run(feeds)[out]
+    assert got.dtype == want.dtype and np.array_equal(got, want)

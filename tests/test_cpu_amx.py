@@ -10,12 +10,15 @@ The cases cover the kernel's paths: full 32-row blocks read in place, a last blo
 16 rows (half a block; read from a zero-padded copy where its reads would pass the end of A),
 K % 64 != 0 (k-steps past K meet zero rows of B), N % 32 != 0 (the last column block's
 epilogue through a small buffer), a uint8 left operand (tdpbusd), per-tensor and per-channel
-Requantize folded in, batched matmuls with B packed per call, and an im2col convolution.
+Requantize folded in, deep K in passes over the blocks (3 passes; one of them short), batched
+matmuls with B packed per call, attention's scores with their Requantize and Softmax in the
+kernel, and an im2col convolution.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -93,6 +96,31 @@ def _bmm(g, m, k, n, adt=np.int8, rq=False):
     return make
 
 
+def _bmm_softmax(g, m, k, n, rq=True):
+    """Attention's scores: IntMatMul a[2, g, m, k] @ b[2, g, k, n] -> Requantize (int32, the
+    exponent with 12 fraction bits; none when not rq) -> IntSoftmax: one AMX kernel (Shiftmax
+    over each task's rows, `cpu_amx.gemm_amx_func(softmax=)`)."""
+
+    def make(rng):
+        b, c = (v.reshape(()) for v in _mult([0.05]))
+        nodes = [
+            make_node("IntMatMul", ["a", "bm"], ["acc"], "bmm"),
+            make_node("Requantize", ["acc", "b", "c"], ["z"], "rq", to=TensorProto.INT32),
+            make_node("IntSoftmax", ["z"], ["y"], "sm", frac_bits=12),
+        ]
+        if not rq:  # the accumulators are the exponent (smaller operands keep them in range)
+            nodes = [nodes[0], make_node("IntSoftmax", ["acc"], ["y"], "sm", frac_bits=12)]
+        lim = 127 if rq else 15
+        feeds = {
+            "a": _ri(rng, -lim, lim, (2, g, m, k), np.int8),
+            "bm": _ri(rng, -lim, lim, (2, g, k, n), np.int8),
+        }
+        feeds["a"][0, 0, 0] = lim  # a row with one large score: exponentials that underflow
+        return nodes, feeds, {"b": b, "c": c} if rq else {}
+
+    return make
+
+
 def _conv(rng):
     nodes = [make_node("IntConv", ["x", "w", "bias"], ["y"], "conv", pads=[1, 1, 1, 1])]
     consts = {
@@ -119,11 +147,15 @@ CASES = {
     "tail_rows_per_channel": _dense(197, 384, 96, rq="channel"),  # DeiT's rows
     "pad_k_and_n": _dense(13, 37, 40),  # K % 64, N % 32 != 0
     "u8_per_tensor_wide_n": _dense(25, 64, 1000, adt=np.uint8, rq="tensor"),
-    "deep_k": _dense(40, 1536, 64, rq="channel"),
+    "deep_k": _dense(40, 1536, 64, rq="channel"),  # K in 3 passes of 8 k-steps (k_chunk_steps)
+    "deep_k_ragged_u8": _dense(40, 1100, 40, adt=np.uint8),  # passes 8, 8, 2; half block; N % 32
     "conv_im2col": _conv,
     "bmm_qk": _bmm(3, 197, 64, 197, rq=True),  # attention's Q K^T (DeiT shapes)
     "bmm_pv_u8": _bmm(3, 197, 197, 64, adt=np.uint8),  # P V: K % 64 != 0, u8 x s8
     "bmm_small": _bmm(2, 5, 7, 9),  # every block past the end of A: the padded panel
+    "bmm_qk_softmax": _bmm_softmax(3, 197, 64, 197),  # DeiT's scores and Softmax, one kernel
+    "bmm_softmax_small": _bmm_softmax(3, 70, 40, 70),  # half block, K % 64, N % 32
+    "bmm_softmax_deep_k": _bmm_softmax(4, 40, 600, 24, rq=False),  # passes 8 + 2, no Requantize
     "gelu_byte_table": _gelu,  # the VBMI byte table (cpu_lut), not AMX
 }
 
@@ -180,6 +212,8 @@ def test_amx_kernels_build_and_match_reference_on_amx_hosts(case):
     else:
         mul = "tdpbusd" if "u8" in case else "tdpbssd"
         assert mul in asm and "ldtilecfg" in asm and "tilerelease" in asm
+    if "softmax" in case:  # fused: no Softmax kernel of its own
+        assert re.search(r"int8_bmm_amx(_rq)?_softmax", asm) and "int_softmax" not in asm
     if not host_has_amx():
         pytest.skip("built for sapphirerapids; this host has no amx_int8 to run it")
     vm = compat.virtual_machine(ex)
