@@ -380,11 +380,11 @@ def test_dense_requantize_gelu_chain(requant_after):
     )
 
 
-def _residual_graph(ln_reads_sum: bool = True, post_ln: bool = False):
+def _residual_graph(ln_reads_sum: bool = True, post_ln: bool = False, bcast: bool = False):
     """x' = Requantize(x); s = IntAdd(x', r); l = Requantize(IntLayerNorm(s or r), int8 per
     channel); out = IntAdd(s, Requantize(l, int16)): the sum is read by the LayerNorm and by the
     residual stream, as in a pre-LN transformer block. post_ln: out = l (BERT's post-LN: the
-    LayerNorm is the sum's only reader)."""
+    LayerNorm is the sum's only reader). bcast: r is a constant [C], broadcast by the add."""
     c = 48
     b, cc = mult([0.71])
     bl, cl = mult(RNG.uniform(2e-3, 9e-3, c))
@@ -409,6 +409,7 @@ def _residual_graph(ln_reads_sum: bool = True, post_ln: bool = False):
     x = ri(-32768, 32767, (2, 7, c), np.int16)
     x[0, 0] = 32767  # saturating sums
     feeds = {"x": x, "r": ri(-20000, 20000, (2, 7, c), np.int16)}
+    r_const = {"r": feeds.pop("r")[0, 0]} if bcast else {}
     consts = {
         "b": b.reshape(()),
         "c": cc.reshape(()),
@@ -421,19 +422,25 @@ def _residual_graph(ln_reads_sum: bool = True, post_ln: bool = False):
     }
     if post_ln:
         del consts["b16"], consts["c16"]
-    return nodes, feeds, consts
+    return nodes, feeds, {**consts, **r_const}
 
 
 @pytest.mark.parametrize(
-    "fuse,ln_reads_sum,post_ln",
-    [(True, True, False), (False, True, False), (True, False, False), (True, True, True)],
+    "fuse,ln_reads_sum,post_ln,bcast",
+    [
+        (True, True, False, False),
+        (False, True, False, False),
+        (True, False, False, False),
+        (True, True, True, False),
+        (True, True, False, True),
+    ],
 )
-def test_residual_add_fused_into_layernorm(fuse, ln_reads_sum, post_ln):
+def test_residual_add_fused_into_layernorm(fuse, ln_reads_sum, post_ln, bcast):
     """cpu-int8 runs a residual IntAdd and the IntLayerNorm reading it as one row kernel: two
     outputs (the sum for the residual stream, the requantized LayerNorm), or the LayerNorm
     alone when it is the sum's only reader (post-LN); bit-exact either way. It must not fire
     without the capability or when the LayerNorm reads another tensor."""
-    nodes, feeds, consts = _residual_graph(ln_reads_sum, post_ln)
+    nodes, feeds, consts = _residual_graph(ln_reads_sum, post_ln, bcast)
     m, out = integer_graph(nodes, feeds, consts)
     kernels = CpuKernels(TARGET)
     kernels.fuse_add_layernorm = fuse

@@ -96,7 +96,7 @@ def _bmm(g, m, k, n, adt=np.int8, rq=False):
     return make
 
 
-def _bmm_softmax(g, m, k, n, rq=True):
+def _bmm_softmax(g, m, k, n, rq=True, frac_bits=12):
     """Attention's scores: IntMatMul a[2, g, m, k] @ b[2, g, k, n] -> Requantize (int32, the
     exponent with 12 fraction bits; none when not rq) -> IntSoftmax: one AMX kernel (Shiftmax
     over each task's rows, `cpu_amx.gemm_amx_func(softmax=)`)."""
@@ -106,10 +106,11 @@ def _bmm_softmax(g, m, k, n, rq=True):
         nodes = [
             make_node("IntMatMul", ["a", "bm"], ["acc"], "bmm"),
             make_node("Requantize", ["acc", "b", "c"], ["z"], "rq", to=TensorProto.INT32),
-            make_node("IntSoftmax", ["z"], ["y"], "sm", frac_bits=12),
+            make_node("IntSoftmax", ["z"], ["y"], "sm", frac_bits=frac_bits),
         ]
         if not rq:  # the accumulators are the exponent (smaller operands keep them in range)
-            nodes = [nodes[0], make_node("IntSoftmax", ["acc"], ["y"], "sm", frac_bits=12)]
+            sm = make_node("IntSoftmax", ["acc"], ["y"], "sm", frac_bits=frac_bits)
+            nodes = [nodes[0], sm]
         lim = 127 if rq else 15
         feeds = {
             "a": _ri(rng, -lim, lim, (2, g, m, k), np.int8),
@@ -156,6 +157,8 @@ CASES = {
     "bmm_qk_softmax": _bmm_softmax(3, 197, 64, 197),  # DeiT's scores and Softmax, one kernel
     "bmm_softmax_small": _bmm_softmax(3, 70, 40, 70),  # half block, K % 64, N % 32
     "bmm_softmax_deep_k": _bmm_softmax(4, 40, 600, 24, rq=False),  # passes 8 + 2, no Requantize
+    # 26 fraction bits: the exponentials and their sum in int64 (te_ops.softmax_narrow False)
+    "bmm_softmax_int64": _bmm_softmax(3, 70, 64, 33, rq=False, frac_bits=26),
     "gelu_byte_table": _gelu,  # the VBMI byte table (cpu_lut), not AMX
 }
 
