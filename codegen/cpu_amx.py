@@ -60,7 +60,6 @@ DOTS = ((0, 4, 6), (1, 4, 7), (2, 5, 6), (3, 5, 7))
 CORNERS = ((0, 0, 0), (1, 0, 16), (2, 16, 0), (3, 16, 16))
 MAX_PER, MIN_TASKS = 8, 16  # column blocks per task (at most), tasks per kernel (at least)
 TASK_GROUPS = 32  # parallel iterations (runs of tasks) per kernel, at most
-EPILOGUE_LANES = 32  # epilogue vector width (32: a block row; 4 = 256-bit int64 vectors)
 K_CHUNK = 8  # k-steps (512 bytes of K) per pass over a task's blocks when K is deep
 K_CHUNK_ABOVE = 512  # Kp above which the task's blocks run K in chunks (A's 32 rows > 16 KB)
 
@@ -345,6 +344,7 @@ def gemm_amx_func(
                     mb = task % mblocks
                     a_row0 = al.g_offset(gg) + mb * BLOCK * al.row  # the block's first A row
                     y_row0 = yl.g_offset(gg) + mb * BLOCK * yl.row
+                    rows = tirx.min(BLOCK, m - mb * BLOCK)  # the block's rows inside M
 
                     def compute(
                         src, src_at, stride: int, nb, half: bool, ahead, ks, fresh, src_c, dst
@@ -417,7 +417,7 @@ def gemm_amx_func(
                     def epilogue(nb, buf: int) -> None:
                         if probe:
                             return
-                        with T.serial(0, tirx.min(BLOCK, m - mb * BLOCK)) as r:
+                        with T.serial(0, rows) as r:
                             if softmax is not None:  # into the task's rows (all 32 columns)
                                 at = r * np_ + nb * BLOCK
                                 _epilogue_row(sm.scores, cbuf, buf, r, at, nb * BLOCK, np_, stages)
@@ -475,7 +475,7 @@ def gemm_amx_func(
                     else:
                         place(False)
                     if softmax is not None and not probe:
-                        sm.rows(y, y_row0, yl.row, tirx.min(BLOCK, m - mb * BLOCK))
+                        sm.rows(y, y_row0, yl.row, rows)
 
                 with T.serial(grp * ntasks // groups, (grp + 1) * ntasks // groups) as task:
                     task_body(task)
@@ -589,10 +589,8 @@ def _epilogue_row(y, cbuf, buf: int, r, y_at, col0, n: int, stages) -> None:
         return v
 
     def direct() -> None:
-        with T.serial(0, BLOCK // EPILOGUE_LANES) as jo:
-            with T.vectorized(0, EPILOGUE_LANES) as ji:
-                j = jo * EPILOGUE_LANES + ji
-                T.buffer_store(y, value(j, False), [y_at + j])
+        with T.vectorized(0, BLOCK) as j:
+            T.buffer_store(y, value(j, False), [y_at + j])
 
     if n % BLOCK == 0:
         direct()
