@@ -539,6 +539,18 @@ def _requantize(ctx: LowerCtx, node, attrs):
     )
 
 
+@lowering("QuantizeFloatBits")
+def _quantize_float_bits(ctx: LowerCtx, node, attrs):
+    lo, hi = requant_bounds(attrs)
+    dt = out_dtype(attrs).name
+    b, c = int(attrs["multiplier"]), int(attrs["shift"])
+    return ctx.emit_te(
+        lambda t: te_ops.quantize_float_bits(t, b, c, lo=lo, hi=hi, dtype=dt),
+        ctx.value(node.input[0]),
+        name="quantize_float_bits",
+    )
+
+
 @lowering("IntAdd")
 def _int_add(ctx: LowerCtx, node, attrs):
     dt = out_dtype(attrs).name

@@ -78,6 +78,15 @@ def requantize(
     return te.compute(out_shape, f, name="requantize")
 
 
+def quantize_float_bits(x: te.Tensor, b: int, c: int, *, lo: int, hi: int, dtype: str):
+    """The input quantizer (fixedpoint.quantize_float_bits) over int32 float32-bit patterns."""
+    return te.compute(
+        x.shape,
+        lambda *i: fp.quantize_float_bits(x(*i), b, c, lo, hi, TE).astype(dtype),
+        name="quantize_float_bits",
+    )
+
+
 def int_add(
     a: te.Tensor,
     b: te.Tensor,

@@ -1,8 +1,10 @@
 """The boundary of an integer graph: the input quantizer and the output dequantizer.
 
-This is the only place float arithmetic happens at run time, before the first integer op and
-after the last. numpy only, so the runtime-only loader shares it with `CompiledModel` and the
-reference interpreter. Input quantization is symmetric: q = clip(floor(x / s + 1/2), lo, hi).
+The input quantizer is the graph's own first op (`QuantizeFloatBits`: integer arithmetic on the
+float32 input's IEEE-754 bit pattern), so the host only checks its inputs, converts them to
+float32 and hands the graph their bits as int32; the output dequantizer (q * s) is the only
+float arithmetic at run time. numpy only, so the runtime-only loader shares it with
+`CompiledModel` and the reference interpreter.
 """
 
 from __future__ import annotations
@@ -29,15 +31,17 @@ class InputSpec:
     """A graph input: the float tensor the user passes and how it becomes an integer tensor.
 
     `scale is None` means the input is already integer (e.g. token ids) and passes through,
-    checked for dtype and range.
+    checked for dtype and range. A float input is read by the graph as the int32 bit pattern of
+    its float32 values (`bits`) and quantized there at step `scale` (`QuantizeFloatBits`).
     """
 
     name: str
     shape: tuple[int, ...]
     dtype: str  # what the user passes, e.g. "float32" or "int64"
-    qdtype: str  # what the integer graph reads, e.g. "int8"
+    qdtype: str  # what the integer graph reads, e.g. "int32" (float32 bits) or "int64"
     scale: float | None
     valid_range: tuple[int, int] | None = None  # integer inputs: allowed [lo, hi] (e.g. ids)
+    bits: bool = False  # the graph reads float32 bit patterns (int32) and quantizes them
 
     def signature(self) -> str:
         return f"{self.name}: {self.dtype}{list(self.shape)}"
@@ -55,7 +59,7 @@ class OutputSpec:
 
 
 METADATA_KEY = "intq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: float inputs quantized in the graph, from their bits
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,10 @@ class Signature:
     def from_json(cls, text: str) -> Signature:
         d = json.loads(text)
         if d.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unsupported intq metadata format {d.get('format')!r}")
+            raise ValueError(
+                f"unsupported intq metadata format {d.get('format')!r} (this intq reads "
+                f"{FORMAT_VERSION}: recompile the model)"
+            )
         ins = tuple(
             InputSpec(
                 i["name"],
@@ -98,6 +105,7 @@ class Signature:
                 i["qdtype"],
                 i["scale"],
                 tuple(i["valid_range"]) if i.get("valid_range") is not None else None,
+                bool(i.get("bits", False)),
             )
             for i in d["inputs"]
         )
@@ -111,25 +119,14 @@ class Signature:
         return ", ".join(s.signature() for s in self.inputs)
 
 
-def quantize_input(
-    x: np.ndarray,
-    scale: float,
-    qdtype: str,
-    out: np.ndarray | None = None,
-    scratch: np.ndarray | None = None,
-) -> np.ndarray:
-    """q = clip(floor(x / scale + 0.5), lo, hi) computed in float64, cast to `qdtype`. `out`
-    (qdtype, x's shape) receives q and `scratch` (float64, x's shape) holds the float64 steps
-    when given: a caller that quantizes every call reuses them instead of fresh allocations."""
-    lo, hi = DTYPE_BOUNDS[qdtype]
-    q = scratch if scratch is not None else np.empty(np.shape(x), np.float64)
-    np.divide(x, scale, out=q, dtype=np.float64)  # x widened exactly, then divided in float64
-    np.add(q, 0.5, out=q)
-    np.floor(q, out=q)
-    np.clip(q, lo, hi, out=q)
+def float_bits(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The int32 bit patterns of `x` as float32 (the graph's `QuantizeFloatBits` reads them):
+    a view when `x` is already float32, else x rounded to float32 first; into `out` (int32,
+    x's shape) when given."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
     if out is None:
-        return q.astype(qdtype)
-    np.copyto(out, q, casting="unsafe")  # integral values inside qdtype's range: exact
+        return bits
+    np.copyto(out, bits)
     return out
 
 
@@ -184,16 +181,19 @@ def quantize_inputs(
     specs: tuple[InputSpec, ...] | list[InputSpec],
     arrays: list[np.ndarray],
     outs: list[np.ndarray] | None = None,
-    scratch: list[np.ndarray | None] | None = None,
 ) -> list[np.ndarray]:
-    """Each input quantized (or, for an integer input, cast) to its qdtype; into `outs[i]`
-    (with `scratch[i]` for the float64 steps) when given."""
+    """What the graph reads for each input: a float input's float32 bit patterns (int32), an
+    integer input cast to its qdtype; into `outs[i]` when given."""
     res = []
     for i, (s, x) in enumerate(zip(specs, arrays, strict=True)):
         out = outs[i] if outs is not None else None
-        if s.scale is not None:
-            tmp = scratch[i] if scratch is not None else None
-            res.append(quantize_input(x, s.scale, s.qdtype, out, tmp))
+        if s.bits:
+            res.append(float_bits(x, out))
+        elif s.scale is not None:
+            raise InputSignatureError(
+                f"input {s.name!r}: a float input the graph does not quantize itself (an artifact "
+                "of an older intq: recompile it)"
+            )
         elif out is not None:
             np.copyto(out, x, casting="unsafe")  # the same C cast as astype
             res.append(out)

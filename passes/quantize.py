@@ -332,10 +332,21 @@ class QuantizePass(Pass):
         if any(d <= 0 for d in shape):
             raise GraphError(f"input {vi.name!r} must have a static shape, got {shape}")
         np_dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if np_dt.kind == "f":
+        if np_dt.kind == "f":  # quantized by the graph's first op, from the float32 bits
             s = self._scale_for(vi.name, "int8")
-            self.q[vi.name] = QTensor(vi.name, "int8", np.asarray(s))
-            return boundary.InputSpec(vi.name, shape, "float32", "int8", float(s))
+            b, c = fp.quantize_multiplier(1.0 / s)
+            base = _base(vi.name)
+            q = self._emit(
+                "QuantizeFloatBits",
+                [vi.name],
+                f"{base}_int8",
+                f"{base}_quantize",
+                multiplier=b,
+                shift=c,
+                to=ONNX_DT["int8"],
+            )
+            self.q[vi.name] = QTensor(q, "int8", np.asarray(s))
+            return boundary.InputSpec(vi.name, shape, "float32", "int32", float(s), bits=True)
         if np_dt.kind in "iu":
             self.q[vi.name] = QTensor(vi.name, np_dt.name, np.asarray(1.0))
             return boundary.InputSpec(vi.name, shape, np_dt.name, np_dt.name, None)

@@ -69,6 +69,37 @@ def test_requantize_per_channel_int16_input():
     )
 
 
+@pytest.mark.parametrize("to", [TensorProto.INT8, TensorProto.UINT8])
+def test_quantize_float_bits(to):
+    """The input quantizer's kernel on float32 bit patterns: normals, subnormals, ties at
+    s = 1/4, huge values, inf and NaN."""
+    b, c = fp.quantize_multiplier(4.0)
+    x = (RNG.standard_normal((5, 37)) * 40).astype(np.float32)
+    x.reshape(-1)[:16] = [
+        0,
+        -0.0,
+        1e-45,
+        -1e-45,
+        0.125,
+        -0.125,
+        0.375,
+        -0.375,
+        3e38,
+        -3e38,
+        np.inf,
+        -np.inf,
+        np.nan,
+        -np.nan,
+        1e-30,
+        -31.875,
+    ]
+    check(
+        [make_node("QuantizeFloatBits", ["x"], ["y"], "q", multiplier=b, shift=c, to=to)],
+        {"x": x.view(np.int32)},
+        {},
+    )
+
+
 def test_int_add_broadcast_saturating():
     check(
         [make_node("IntAdd", ["a", "b"], ["y"], "add", to=TensorProto.INT16)],

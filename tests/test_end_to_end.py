@@ -165,21 +165,20 @@ def test_deit_tiny_224_bit_exact():
     assert np.array_equal(lib.run(x), intq.reference_run(lib.integer_onnx, x))
 
 
-def test_quantize_input_into_buffers_equals_fresh():
-    """The runtime quantizes into reused buffers (out, scratch): same values as a fresh array,
-    ties (x / s = k + 1/2, exact in float32 at s = 1/4) rounded up, and saturation. Reuse
-    across calls and chunks: test_run_equals_reference_any_batch (batch 7 = two chunks of 4)."""
+def test_float_inputs_reach_the_graph_as_float32_bits():
+    """The graph quantizes its float inputs itself (QuantizeFloatBits): the host hands it the
+    float32 bit patterns, into reused int32 buffers; a float64 input is rounded to float32
+    first, as the float model's own input would be."""
     from intq import boundary
 
-    s = 0.25
-    ties = [0.125, -0.125, 0.375, -0.375, 100.0, -100.0, 0.0, 1e-9]
-    x = np.array([ties], np.float32)
-    x = np.concatenate([x, np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)])
-    want = boundary.quantize_input(x, s, "int8")
-    assert list(want[0]) == [1, 0, 2, -1, 127, -128, 0, 0] and want.dtype == np.int8
-    out, scratch = np.full(x.shape, 99, np.int8), np.full(x.shape, np.nan)
-    got = boundary.quantize_input(x, s, "int8", out=out, scratch=scratch)
-    assert got is out and np.array_equal(got, want)
+    x64 = np.random.default_rng(0).standard_normal((3, 8))
+    spec = boundary.InputSpec("x", (3, 8), "float32", "int32", 0.25, bits=True)
+    out = np.full((3, 8), 7, np.int32)
+    (got,) = boundary.quantize_inputs([spec], [x64], [out])
+    assert got is out and np.array_equal(got.view(np.float32), x64.astype(np.float32))
+    legacy = boundary.InputSpec("x", (3, 8), "float32", "int8", 0.25)
+    with pytest.raises(InputSignatureError, match="recompile"):
+        boundary.quantize_inputs([legacy], [x64])
 
 
 def test_device_tensor_shares_aligned_buffer():

@@ -1,6 +1,8 @@
 """Each intq op's numpy semantics: the schema checks, shape rules and accuracy against the float
 function it replaces."""
 
+import math
+
 import numpy as np
 import onnx
 import pytest
@@ -93,6 +95,44 @@ def test_requantize_per_channel_and_clip():
     assert np.abs(y - want).max() <= 1
     relu = run("Requantize", [x, b, c], axis=1, to=onnx.TensorProto.INT8, clip_min=0)
     assert relu.min() >= 0 and np.array_equal(relu, np.maximum(y, 0))
+
+
+EDGE_F32 = [0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-30, 3e38, -3e38, 0.5, -0.5, 4.5, -4.5]
+
+
+@pytest.mark.parametrize("scale", [0.0371, 0.25, 1 / 127, 1e-6, 3e5])
+@pytest.mark.parametrize("to", [onnx.TensorProto.INT8, onnx.TensorProto.UINT8])
+def test_quantize_float_bits_is_exact_round_half_up(scale, to):
+    """The input quantizer on binary32 bits equals floor(x * b / 2^c + 1/2), saturated, in exact
+    rational arithmetic: normals, subnormals, signed zeros, ties (s = 1/4: x / s = k + 1/2 is
+    exact), huge values; inf and NaN saturate by their sign bit."""
+    from fractions import Fraction
+
+    x = np.concatenate(
+        [RNG.standard_normal(400) * 4, RNG.standard_normal(100) * 1e4, EDGE_F32]
+    ).astype(np.float32)
+    x = np.concatenate([x, np.array([np.inf, -np.inf, np.nan, -np.nan], np.float32)])
+    b, c = fp.quantize_multiplier(1 / scale)
+    y = run("QuantizeFloatBits", [x.view(np.int32)], multiplier=b, shift=c, to=to)
+    lo, hi = fp.dtype_bounds(y.dtype)
+    assert y.dtype == (np.int8 if to == onnx.TensorProto.INT8 else np.uint8)
+    for v, got in zip(x.tolist(), y.tolist(), strict=True):
+        if np.isnan(v):
+            sign_neg = np.signbit(np.float32(v))
+            want = lo if sign_neg else hi
+        elif np.isinf(v):
+            want = hi if v > 0 else lo
+        else:
+            want = min(hi, max(lo, math.floor(Fraction(v) * b / 2**c + Fraction(1, 2))))
+        assert got == want, (v, got, want)
+    if scale == 0.25:  # the ties round up: 0.5 / 0.25 = 2, 4.5 / 0.25 = 18; -0.5 -> -2
+        assert y[-16 + 8 : -4].tolist() == ([2, -2, 18, -18] if lo < 0 else [2, 0, 18, 0])
+
+
+def test_quantize_float_bits_rejects_a_bad_multiplier():
+    d = intq_op("QuantizeFloatBits")
+    with pytest.raises(GraphError, match="multiplier 0"):
+        d.shape([(2, 3)], [np.dtype("int32")], dict(d.attributes, multiplier=0))
 
 
 def test_int_add_saturates():

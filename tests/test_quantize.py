@@ -70,8 +70,9 @@ def test_linear_becomes_int_matmul_with_fused_bias():
     m = linear_model()
     q = quantize(m, batches((4, 3, 16)))
     assert [n.op_type for n in m.graph.node] == ["MatMul", "Add"]
-    assert [n.op_type for n in q.graph.node] == ["IntMatMul", "Requantize", "Identity"]
-    assert len(q.graph.node[0].input) == 3  # bias fused as int32
+    ops = [n.op_type for n in q.graph.node]
+    assert ops == ["QuantizeFloatBits", "IntMatMul", "Requantize", "Identity"]
+    assert len(q.graph.node[1].input) == 3  # bias fused as int32
     assert check_integer_only(q) == []
     x = RNG.standard_normal((4, 3, 16)).astype(np.float32)
     y = reference_run(q, x)
@@ -225,8 +226,11 @@ def test_check_integer_only_reports_float_nodes():
 
 def test_reference_interpreter_checks_dtypes_by_node():
     q = quantize(linear_model(), batches((4, 3, 16)))
-    with pytest.raises(Exception, match="fc"):
+    with pytest.raises(Exception, match="x_quantize.*float32"):  # float values, not their bits
         ReferenceInterpreter(q).run({"x": np.zeros((4, 3, 16), np.float32)})
+    q.graph.node[1].input[0] = "x"  # the matmul fed the raw int32 bits
+    with pytest.raises(Exception, match="fc.*int32"):
+        ReferenceInterpreter(q).run({"x": np.zeros((4, 3, 16), np.int32)})
 
 
 @pytest.mark.parametrize("op", ["Relu", "Clip"])
@@ -323,9 +327,9 @@ def test_int16_linear_input_not_used_for_int8_sources():
     from intq.config import CompileConfig
 
     q = quantize(linear_model(), batches((4, 3, 16)), config=CompileConfig(linear_input="int16"))
-    assert [n.op_type for n in q.graph.node] == ["IntMatMul", "Requantize", "Identity"]
-    mm = q.graph.node[0]
-    assert mm.input[0] == "x"
+    ops = [n.op_type for n in q.graph.node]
+    assert ops == ["QuantizeFloatBits", "IntMatMul", "Requantize", "Identity"]
+    assert q.graph.node[1].input[0] == q.graph.node[0].output[0]  # the int8 input itself
 
 
 def test_int16_linear_input_compiles_bit_exact_on_cpu():

@@ -220,6 +220,38 @@ register(
 
 
 # ---------------------------------------------------------------------------------------------
+# QuantizeFloatBits (the input quantizer)
+def _qbits_shape(shapes, dtypes, attrs):
+    b, c = int(attrs["multiplier"]), int(attrs["shift"])
+    if not (0 < b < 2**fp.MANTISSA_BITS) or not (0 <= c <= fp.MAX_SHIFT):
+        raise GraphError(
+            f"QuantizeFloatBits: multiplier {b} must be in (0, 2^31) and shift {c} in [0, 62]"
+        )
+    return [(shapes[0], out_dtype(attrs))]
+
+
+def _qbits_ref(xs, attrs):
+    lo, hi = requant_bounds(attrs)
+    b, c = int(attrs["multiplier"]), int(attrs["shift"])
+    return [fp.quantize_float_bits(xs[0], b, c, lo, hi).astype(out_dtype(attrs))]
+
+
+register(
+    OpDef(
+        name="QuantizeFloatBits",
+        domain=INTQ_DOMAIN,
+        inputs=(InputSpec("X", ("int32",), doc="IEEE-754 binary32 bit patterns"),),
+        attributes={"multiplier": 1, "shift": 0, "to": onnx.TensorProto.INT8},
+        shape=_qbits_shape,
+        reference=_qbits_ref,
+        doc="The input quantizer on the float input's bits: Y = saturate(floor(value(X) * b / "
+        "2^c + 1/2)) with b / 2^c = 1 / scale, decoded and rounded in int64 "
+        "(fixedpoint.quantize_float_bits); inf and NaN saturate by their sign bit.",
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
 # IntAdd
 def _add_shape(shapes, dtypes, attrs):
     return [(_broadcast(shapes[0], shapes[1]), out_dtype(attrs))]

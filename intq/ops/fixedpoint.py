@@ -107,6 +107,27 @@ def requantize_dyadic(x: Any, b: Any, c: Any, lo: int, hi: int, xp: Any = NUMPY)
     return xp.minimum(xp.maximum(round_shift(x * b, c, xp), lo), hi)
 
 
+# IEEE-754 binary32 fields: value = (-1)^s * m * 2^(max(e, 1) - F32_BIAS), m = f + 2^23 [e > 0].
+F32_MANT_BITS = 23
+F32_BIAS = 150  # 127 + 23: the exponent of the integer mantissa m
+
+
+def quantize_float_bits(u: Any, b: Any, c: Any, lo: int, hi: int, xp: Any = NUMPY) -> Any:
+    """The input quantizer in integers: `u` holds binary32 bit patterns (int32), the result is
+    clip(round_half_up(value(u) * b / 2^c), lo, hi) with b / 2^c the dyadic form of 1 / scale.
+    value(u) * b / 2^c = sm * b / 2^k with sm = +-m and k = c + F32_BIAS - max(e, 1), so this is
+    requantize_dyadic(sm, b, k) with k clamped to [1, MAX_SHIFT]: k < 1 means |value| >= 2^53
+    (saturates either way; also inf and NaN, by their sign bit), and k > MAX_SHIFT means
+    |sm * b| < 2^55 << 2^(k-1) (rounds to 0 either way). |sm * b| < 2^55: int64 is exact."""
+    u = xp.i64(u) & xp.i64(0xFFFFFFFF)  # unsigned view (a TIR literal needs the explicit int64)
+    e = (u >> F32_MANT_BITS) & 0xFF
+    hidden = xp.where(e > 0, xp.i64(1 << F32_MANT_BITS), xp.i64(0))
+    m = (u & ((1 << F32_MANT_BITS) - 1)) + hidden
+    sm = xp.where((u >> 31) > 0, 0 - m, m)
+    k = xp.minimum(xp.maximum(c + F32_BIAS - xp.maximum(e, 1), 1), MAX_SHIFT)
+    return requantize_dyadic(sm, b, k, lo, hi, xp)
+
+
 def div_round(a: Any, b: Any) -> Any:
     """a / b rounded half up, for b > 0: floor((2a + b) / (2b))."""
     return (2 * a + b) // (2 * b)
