@@ -19,7 +19,7 @@ from intq.codegen import te_ops
 from intq.errors import LoweringError
 from intq.ir import topo_sort
 from intq.ops import lookup
-from intq.ops.core import gelu_core, out_dtype, requant_bounds
+from intq.ops.core import gelu_core, multiplier_array, out_dtype, requant_bounds
 from intq.ops.fixedpoint import dtype_bounds, requantize_dyadic
 
 Lowering = Callable[["LowerCtx", onnx.NodeProto, dict[str, Any]], relax.Expr]
@@ -135,6 +135,22 @@ class LowerCtx:
         if tensor in self.graph_outputs or len(users) != 1 or users[0].op_type != op_type:
             return None
         return users[0]
+
+    def broadcast_requant(self, node: onnx.NodeProto) -> tuple | None:
+        """(b, c, lo, hi, dtype) of a Requantize node with constant multipliers, b and c int64
+        arrays of its output's shape (a scalar, per-axis or broadcast multiplier expanded), else
+        None."""
+        if node.input[1] not in self.consts or node.input[2] not in self.consts:
+            return None
+        attrs = lookup(node).attrs_of(node)
+        shape = tuple(int(d) for d in self.shapes[node.output[0]])
+        ax = int(attrs["axis"])
+        b, c = (
+            np.broadcast_to(multiplier_array(self.consts[k], len(shape), ax), shape)
+            for k in node.input[1:3]
+        )
+        lo, hi = requant_bounds(attrs)
+        return b, c, lo, hi, out_dtype(attrs).name
 
     def per_tensor_requant(self, node: onnx.NodeProto) -> tuple[int, int, int, int, str] | None:
         """(b, c, lo, hi, dtype) of a Requantize node with a constant scalar multiplier and
@@ -477,7 +493,7 @@ def requant_split(ctx: LowerCtx, tensor: str) -> RequantSplit | None:
             if node.input[0] != name or name in node.input[1:]:
                 return None
             if node.op_type == "Requantize":
-                rq = ctx.per_tensor_requant(node)
+                rq = ctx.broadcast_requant(node)
                 if rq is None:
                     return None
                 leaves.append((node, rq, _compose(steps)))
@@ -492,18 +508,16 @@ def requant_split(ctx: LowerCtx, tensor: str) -> RequantSplit | None:
     shape = tuple(int(d) for d in ctx.shapes[tensor])
     size, n = int(np.prod(shape)), shape[-1]
     count = np.zeros(size, dtype=np.int64)
-    col_leaf = np.full(n, -1, dtype=np.int64)
-    for li, (node, _, index) in enumerate(leaves):
-        flat = index_offsets(index, ctx.shapes[node.output[0]], shape)
-        count += np.bincount(flat.reshape(-1), minlength=size)
-        cols = np.flatnonzero(np.bincount(flat.reshape(-1) % n, minlength=n))
-        if (col_leaf[cols] != -1).any() or flat.size != size // n * cols.size:
+    b, c = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+    for node, (bl, cl, *_), index in leaves:  # each column's multiplier: one, from any leaf
+        flat = index_offsets(index, ctx.shapes[node.output[0]], shape).reshape(-1)
+        count += np.bincount(flat, minlength=size)
+        col = flat % n
+        b[col], c[col] = bl.reshape(-1), cl.reshape(-1)
+        if (b[col] != bl.reshape(-1)).any() or (c[col] != cl.reshape(-1)).any():
             return None
-        col_leaf[cols] = li
-    if (count != 1).any() or (col_leaf < 0).any():
+    if (count != 1).any():
         return None
-    b = np.array([leaves[i][1][0] for i in col_leaf], dtype=np.int64)
-    c = np.array([leaves[i][1][1] for i in col_leaf], dtype=np.int64)
     if (b == b[0]).all() and (c == c[0]).all():
         rq = (int(b[0]), int(c[0]), *leaves[0][1][2:])
     else:
@@ -532,8 +546,9 @@ def _requantize(ctx: LowerCtx, node, attrs):
     x = ctx.value(src)
     if bv is None and cv is None:
         return ctx.emit_te(lambda t: te_ops.requantize(t, bi, ci, **kw), x, name="requantize")
-    b = relax.const(ctx.const(node.input[1]).reshape(-1).astype("int32"))
-    c = relax.const(ctx.const(node.input[2]).reshape(-1).astype("int32"))
+    shape = bv.shape if bv is not None and bv.ndim > 1 else (-1,)  # broadcast form: kept
+    b = relax.const(ctx.const(node.input[1]).reshape(shape).astype("int32"))
+    c = relax.const(ctx.const(node.input[2]).reshape(shape).astype("int32"))
     return ctx.emit_te(
         lambda t, tb, tc: te_ops.requantize(t, tb, tc, **kw), x, b, c, name="requantize_pc"
     )

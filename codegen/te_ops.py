@@ -54,26 +54,35 @@ def _i64(x):
 
 def requant_expr(v, b, c, lo: int, hi: int, dtype: str, ch=None):
     """Requantize of one int expression `v` (fixedpoint.requantize_dyadic): `b`, `c` python ints,
-    or te.Tensors / TIR buffers indexed by the channel index `ch`."""
+    or te.Tensors / TIR buffers indexed by `ch` (a channel index or a full index tuple)."""
     indexed = (te.Tensor, tirx.Buffer)
-    bb = _i64(b[ch]) if isinstance(b, indexed) else tirx.const(int(b), "int64")
-    cc = _i64(c[ch]) if isinstance(c, indexed) else tirx.const(int(c), "int64")
+
+    def at(t):  # ch: one channel index, or a full index tuple (a broadcast multiplier)
+        return t(*ch) if isinstance(t, te.Tensor) and isinstance(ch, tuple) else t[ch]
+
+    bb = _i64(at(b)) if isinstance(b, indexed) else tirx.const(int(b), "int64")
+    cc = _i64(at(c)) if isinstance(c, indexed) else tirx.const(int(c), "int64")
     return fp.requantize_dyadic(_i64(v), bb, cc, lo, hi, TE).astype(dtype)
 
 
 def requantize(
     x: te.Tensor, b, c, *, axis: int, dtype: str, lo: int, hi: int, shape=None, index=None
 ) -> te.Tensor:
-    """`b`, `c`: python ints (per-tensor) or 1-D te.Tensors indexed along `axis`. With `shape`
-    and `index` (out index -> index into `x`), the input is read through that map (a data
-    movement folded into this kernel)."""
+    """`b`, `c`: python ints (per-tensor), 1-D te.Tensors indexed along `axis`, or te.Tensors of
+    the output's rank broadcasting to it. With `shape` and `index` (out index -> index into
+    `x`), the input is read through that map (a data movement folded into this kernel)."""
     out_shape = tuple(shape) if shape is not None else x.shape
     nd = len(out_shape)
     ax = axis % nd if nd else 0
+    full = isinstance(b, te.Tensor) and len(b.shape) == nd and nd > 1
 
     def f(*idx):
         v = x(*index(list(idx))) if index is not None else x(*idx)
-        return requant_expr(v, b, c, lo, hi, dtype, ch=idx[ax] if nd else None)
+        if full:  # broadcast: size-1 dims of b / c read index 0
+            ch = tuple(i if int(d) > 1 else 0 for i, d in zip(idx, b.shape, strict=True))
+        else:
+            ch = idx[ax] if nd else None
+        return requant_expr(v, b, c, lo, hi, dtype, ch=ch)
 
     return te.compute(out_shape, f, name="requantize")
 

@@ -30,7 +30,7 @@ from intq.config import CompileConfig
 from intq.errors import GraphError, UnsupportedOpError
 from intq.ir import INTQ_DOMAIN, INTQ_OPSET, NameGen, attrs, consumers, get_constant, topo_sort
 from intq.ops import fixedpoint as fp
-from intq.ops import make_node
+from intq.ops import lookup, make_node
 from intq.ops.core import SOFTMAX_OUT_BITS
 from intq.ops.log2attn import zero_code
 from intq.passes.base import Pass, PassResult
@@ -111,10 +111,14 @@ class QTensor:
     scale: np.ndarray
     axis: int | None = None  # channel axis when `scale` is a vector
     encoding: str = "linear"  # "log2": uint8 exponent codes (IntSoftmaxLog2), not q * scale
+    # every element's scale (the tensor's shape) where no single axis carries it: a per-channel
+    # accumulator moved by Reshape / Transpose / Gather (attention's q / k / v split); `scale`
+    # is then unused
+    scale_map: np.ndarray | None = None
 
     @property
     def per_tensor(self) -> bool:
-        return self.axis is None
+        return self.axis is None and self.scale_map is None
 
 
 class QuantizePass(Pass):
@@ -214,7 +218,7 @@ class QuantizePass(Pass):
         (real value = int * scale); nothing at run time reads it."""
         out = {}
         for name, qt in self.q.items():
-            if qt.encoding != "linear":
+            if qt.encoding != "linear" or qt.scale_map is not None:  # (moved accumulators)
                 continue
             sc = np.asarray(qt.scale, dtype=np.float64)
             out[name] = {
@@ -264,14 +268,15 @@ class QuantizePass(Pass):
         same = qt.per_tensor and qt.dtype == dtype and float(qt.scale) == float(scale)
         if same and clip is None:
             return qt
-        ratios = np.atleast_1d(np.asarray(qt.scale, dtype=np.float64)) / scale
-        bc = [fp.quantize_multiplier(float(r)) for r in ratios]
-        b = np.array([x[0] for x in bc], dtype=np.int32)
-        c = np.array([x[1] for x in bc], dtype=np.int32)
-        if np.all(b == b[0]) and np.all(c == c[0]):
-            b, c = b[:1].reshape(()), c[:1].reshape(())
+        smap = qt.scale_map if qt.scale_map is not None else qt.scale
+        ratios = _compact(np.asarray(smap, dtype=np.float64) / scale)
+        bc = [fp.quantize_multiplier(float(r)) for r in ratios.reshape(-1)]
+        b = np.array([x[0] for x in bc], dtype=np.int32).reshape(ratios.shape)
+        c = np.array([x[1] for x in bc], dtype=np.int32).reshape(ratios.shape)
+        if np.all(b == b.flat[0]) and np.all(c == c.flat[0]):
+            b, c = b.reshape(-1)[:1].reshape(()), c.reshape(-1)[:1].reshape(())
         kw = {"to": ONNX_DT[dtype]}
-        if b.ndim == 1:
+        if b.ndim == 1 and qt.scale_map is None:
             kw["axis"] = int(qt.axis)
         if clip is not None:
             kw["clip_min"], kw["clip_max"] = int(clip[0]), int(clip[1])
@@ -625,16 +630,59 @@ class QuantizePass(Pass):
     def _movement(self, node: onnx.NodeProto) -> None:
         qt = self._get(node.input[0])
         axis = qt.axis
-        if not qt.per_tensor:
+        if qt.axis is not None:
             axis = self._track_axis(node, qt.axis)
-            if axis is None:  # channel axis does not survive: materialize per-tensor first
+            if axis is None and self._feeds_activation_matmuls(node.input[0]):
+                qt = dataclasses.replace(qt, axis=None, scale_map=self._full_scale(qt, node))
+            elif axis is None:  # channel axis does not survive: materialize per-tensor first
                 qt = self.materialize(node.input[0])
         ins = [qt.name] + [self._copy_const(i) for i in node.input[1:]]
         base = _base(node.name or node.output[0])
         y = self._emit(node.op_type, ins, f"{base}_{qt.dtype}", base, **attrs(node))
+        if qt.scale_map is not None:  # move the scales with the elements
+            consts = [self._const_value(i) if i else None for i in node.input[1:]]
+            moved = lookup(node).reference([qt.scale_map, *consts], lookup(node).attrs_of(node))
+            smap = moved[0]
+            if np.all(smap == smap.flat[0]):  # one scale left (a q / k / v head): per tensor
+                self.q[node.output[0]] = QTensor(y, qt.dtype, np.asarray(smap.flat[0]))
+            else:
+                self.q[node.output[0]] = QTensor(y, qt.dtype, qt.scale, scale_map=smap)
+            return
         self.q[node.output[0]] = QTensor(
             y, qt.dtype, qt.scale, axis if not qt.per_tensor else None, qt.encoding
         )
+
+    def _full_scale(self, qt: QTensor, node: onnx.NodeProto) -> np.ndarray:
+        """Every element's scale of per-channel `qt` (the shape of `node`'s input)."""
+        shape = self.shapes[node.input[0]]
+        sv = np.asarray(qt.scale, dtype=np.float64).reshape(-1)
+        view = [1] * len(shape)
+        view[int(qt.axis) % len(shape)] = sv.size
+        return np.broadcast_to(sv.reshape(view), shape).copy()
+
+    def _feeds_activation_matmuls(self, name: str) -> bool:
+        """True when `name` (a per-channel accumulator whose channel axis a data movement
+        loses) reaches, through data movement only, nothing but MatMuls of two activations
+        (attention's q / k / v split): each such operand is requantized to int8 anyway, so the
+        scales can travel with the elements (`QTensor.scale_map`) and one Requantize per head
+        replaces materializing an int32 tensor and requantizing it again."""
+        todo, seen = [name], 0
+        while todo:
+            t = todo.pop()
+            if t in self.graph_outputs or not self.uses.get(t):
+                return False
+            for user in self.uses[t]:
+                if user.op_type in MOVEMENT_OPS + ("Gather", "Slice") and user.input[0] == t:
+                    if any(self._const_value(i) is None for i in user.input[1:] if i):
+                        return False
+                    todo.append(user.output[0])
+                elif user.op_type == "MatMul" and all(
+                    self._const_value(i) is None for i in user.input
+                ):
+                    seen += 1
+                else:
+                    return False
+        return seen > 0
 
     def _track_axis(self, node: onnx.NodeProto, axis: int) -> int | None:
         """Where channel `axis` of the input lands in the output, if it survives intact.
@@ -679,6 +727,16 @@ class QuantizePass(Pass):
         base = _base(node.name or node.output[0])
         y = self._emit("Concat", ins, f"{base}_{dt}", base, axis=int(attrs(node)["axis"]))
         self.q[node.output[0]] = QTensor(y, dt, np.asarray(s))
+
+
+def _compact(r: np.ndarray) -> np.ndarray:
+    """`r` with every axis along which it is constant reduced to length 1 (a multiplier that
+    still broadcasts to the tensor, as small as it can be)."""
+    for ax in range(r.ndim):
+        first = np.take(r, [0], axis=ax)
+        if np.all(r == first):
+            r = first
+    return r
 
 
 def _base(name: str) -> str:

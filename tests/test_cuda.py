@@ -313,7 +313,7 @@ def test_cuda_lowering_matches_reference_on_cpu(tiny_cuda):
     right operand), the heads' merge is Requantized in the probabilities.V write-back and read
     in place by the projection; the lowering's arithmetic equals the reference's."""
     names = _cuda_lowering_on_cpu(tiny_cuda, 3)
-    assert any(n.startswith("int8_dense_rq_pc_split") for n in names)  # qkv -> q, k, v
+    assert any(n.startswith("int8_dense_rq_pc") for n in names)  # qkv -> q, k, v per column
     assert not [n for n in names if n.startswith("operand")]  # q, k, v all read in place
     assert not [n for n in names if n.startswith("view")]  # every view read in place / copied
     assert len([n for n in names if n.startswith("requantize")]) <= 2  # patch embedding, head
@@ -389,6 +389,16 @@ def test_requant_split_per_column_multipliers():
     assert [int(v) for v in index([2, 3])] == [2, 7]
     same = requant_split(_split_ctx((3, 8), {0: (1 << 30, 31), 1: (1 << 30, 31)}), "y")
     assert same.rq[:2] == (1 << 30, 31)  # one multiplier for every column: per-tensor
+    ctx = _split_ctx((3, 8), {0: (1 << 30, 31), 1: (1 << 29, 33)})
+    ctx.consts["b1"] = np.array([[1 << 29, 1 << 28, 3 << 28, 1 << 30]], np.int32)  # [1, 4]
+    ctx.consts["c1"] = np.array([[33, 32, 33, 34]], np.int32)
+    b, c = requant_split(ctx, "y").rq[:2]  # a leaf's broadcast multiplier: per column too
+    assert b.tolist()[4:] == [1 << 29, 1 << 28, 3 << 28, 1 << 30] and c.tolist()[4:] == [
+        33,
+        32,
+        33,
+        34,
+    ]
 
 
 def test_requant_split_declines():
@@ -398,5 +408,6 @@ def test_requant_split_declines():
     leaves = {0: (1 << 30, 31), 1: (1 << 29, 33)}
     assert requant_split(_split_ctx((3, 8), leaves, extra_output="y3"), "y") is None
     ctx = _split_ctx((3, 8), leaves)
-    ctx.consts["b1"] = np.array([1 << 29] * 4, np.int32)  # a per-channel leaf: not per-tensor
-    assert requant_split(ctx, "y") is None
+    ctx.consts["b1"] = np.array([[1 << 29], [1 << 28], [1 << 29]], np.int32)  # varies by row
+    ctx.consts["c1"] = np.full((3, 1), 33, np.int32)
+    assert requant_split(ctx, "y") is None  # a column would need two multipliers

@@ -342,3 +342,60 @@ def test_int16_linear_input_compiles_bit_exact_on_cpu():
     x = RNG.standard_normal((2, 6, 600)).astype(np.float32)
     assert np.array_equal(lib.run(x), reference_run(lib.integer_onnx, x))
     assert lib._build.tir_floats == []
+
+
+def qk_model(second_reader: str = "MatMul"):
+    """x [1, 4, 8] -> a per-channel linear [8, 16] -> Reshape [1, 4, 2, 8] -> Gather the two
+    halves (q, k) -> q @ k^T (or q + k: `second_reader="Add"`)."""
+    w = (RNG.standard_normal((8, 16)) * np.repeat([0.1, 1.0], 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["qk"], name="qkv"),
+        helper.make_node("Reshape", ["qk", "shape"], ["qk4"], name="split_heads"),
+        helper.make_node("Gather", ["qk4", "i0"], ["q"], name="take_q", axis=2),
+        helper.make_node("Gather", ["qk4", "i1"], ["k"], name="take_k", axis=2),
+    ]
+    if second_reader == "MatMul":
+        nodes += [
+            helper.make_node("Transpose", ["k"], ["kt"], name="k_t", perm=[0, 2, 1]),
+            helper.make_node("MatMul", ["q", "kt"], ["y"], name="scores"),
+        ]
+        out = vi("y", [1, 4, 4])
+    else:
+        nodes.append(helper.make_node("Add", ["q", "k"], ["y"], name="sum"))
+        out = vi("y", [1, 4, 8])
+    inits = {
+        "w": w,
+        "shape": np.array([1, 4, 2, 8], np.int64),
+        "i0": np.array(0, np.int64),
+        "i1": np.array(1, np.int64),
+    }
+    return model_of(nodes, [vi("x", [1, 4, 8])], [out], inits)
+
+
+def test_split_accumulator_requantized_once_per_head():
+    """A per-channel accumulator split by data movement into the operands of an activation
+    matmul (attention's q / k / v) keeps its elements' scales through the movement: one
+    Requantize per head with a broadcast multiplier, no int32 tensor in between."""
+    m = qk_model()
+    q = quantize(m, batches((1, 4, 8), n=8))
+    ops = [n.op_type for n in q.graph.node]
+    assert ops[:7] == [
+        "QuantizeFloatBits", "IntMatMul", "Reshape", "Gather", "Gather", "Transpose", "Requantize"
+    ]  # fmt: skip
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    heads = [n for n in q.graph.node if n.op_type == "Requantize"][:2]
+    assert sorted(inits[n.input[1]].shape for n in heads) == [(1, 1, 8), (1, 8, 1)]
+    x = RNG.standard_normal((1, 4, 8)).astype(np.float32)
+    got = reference_run(q, x) * load_signature(q).outputs[0].scale
+    ref = ort_run(m, x)
+    assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()
+
+
+def test_split_accumulator_materialized_for_other_readers():
+    """Must not fire when a head is read by anything but an activation matmul: the accumulator
+    is materialized per tensor (int32) first, as before."""
+    q = quantize(qk_model("Add"), batches((1, 4, 8), n=8))
+    ops = [n.op_type for n in q.graph.node]
+    assert ops[:3] == ["QuantizeFloatBits", "IntMatMul", "Requantize"]
+    to = {a.name: helper.get_attribute_value(a) for a in q.graph.node[2].attribute}["to"]
+    assert to == TensorProto.INT32  # the per-tensor int32 form, requantized again per reader

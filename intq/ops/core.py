@@ -161,11 +161,14 @@ register(
 
 # ---------------------------------------------------------------------------------------------
 # Requantize
-def _per_axis(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    """Reshape a scalar or per-channel vector to broadcast along `axis` of an ndim tensor."""
+def multiplier_array(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """A scalar, a per-channel vector (reshaped to broadcast along `axis` of an ndim tensor) or
+    an array of the tensor's rank (broadcast as it is)."""
     v = v.astype(I64)
     if v.ndim == 0 or v.size == 1:
         return v.reshape(())
+    if v.ndim == ndim and ndim > 1:
+        return v
     shape = [1] * ndim
     shape[axis % ndim] = v.size
     return v.reshape(shape)
@@ -173,9 +176,12 @@ def _per_axis(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 
 def _requant_shape(shapes, dtypes, attrs):
     x, b, c = shapes
-    if b != c or len(b) > 1:
-        raise GraphError(f"Requantize: multiplier {b} and shift {c} must be equal scalars/vectors")
-    if len(b) == 1 and b[0] != 1:
+    if b != c:
+        raise GraphError(f"Requantize: multiplier {b} and shift {c} must have one shape")
+    if len(b) > 1 or (len(b) == 1 and len(x) == 1):
+        if len(b) != len(x) or any(bd not in (1, xd) for bd, xd in zip(b, x, strict=True)):
+            raise GraphError(f"Requantize: multiplier of shape {b} does not broadcast to {x}")
+    elif len(b) == 1 and b[0] != 1:
         ax = int(attrs["axis"]) % max(1, len(x))
         if x[ax] != b[0]:
             raise GraphError(f"Requantize: {b[0]} multipliers for axis {ax} of shape {x}")
@@ -193,8 +199,8 @@ def requant_bounds(attrs: dict[str, Any]) -> tuple[int, int]:
 
 def _requant_ref(xs, attrs):
     x = xs[0].astype(I64)
-    b = _per_axis(xs[1], x.ndim, int(attrs["axis"]))
-    c = _per_axis(xs[2], x.ndim, int(attrs["axis"]))
+    b = multiplier_array(xs[1], x.ndim, int(attrs["axis"]))
+    c = multiplier_array(xs[2], x.ndim, int(attrs["axis"]))
     if np.any(c < 0) or np.any(c > fp.MAX_SHIFT) or np.any(b < 0) or np.any(b >= 2**31):
         raise GraphError("Requantize: multiplier must be in [0, 2^31) and shift in [0, 62]")
     lo, hi = requant_bounds(attrs)
@@ -207,8 +213,12 @@ register(
         domain=INTQ_DOMAIN,
         inputs=(
             InputSpec("X", ("int8", "uint8", "int16", "int32")),
-            InputSpec("multiplier", ("int32",), doc="b: scalar or [C] along axis, 0 <= b < 2^31"),
-            InputSpec("shift", ("int32",), doc="c: scalar or [C], 0 <= c <= 62"),
+            InputSpec(
+                "multiplier",
+                ("int32",),
+                doc="b: scalar, [C] along axis, or X's rank broadcasting to X; 0 <= b < 2^31",
+            ),
+            InputSpec("shift", ("int32",), doc="c: b's shape, 0 <= c <= 62"),
         ),
         attributes={"axis": -1, "to": onnx.TensorProto.INT8, "clip_min": None, "clip_max": None},
         shape=_requant_shape,
