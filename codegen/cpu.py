@@ -22,7 +22,7 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
 from intq.codegen import compat, cpu_amx, cpu_lut, te_ops
-from intq.codegen.lower import fit_affine, index_offsets, requant_split, view_affine
+from intq.codegen.lower import View, fit_affine, index_offsets, requant_split, view_affine
 from intq.errors import LoweringError
 from intq.ops import lookup
 
@@ -867,10 +867,20 @@ class CpuKernels:
             rq_node = rq_node if rq is not None else None
         y = self._gemm(ctx, cols, np.ascontiguousarray(w_kn), bias, rq)  # [n*oh*ow, m]
         y = ctx.bb.emit(relax.op.reshape(y, (n, oh, ow, m)))
-        out = ctx.bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+        # NCHW as a view of the NHWC GEMM output: a reader that indexes views (a Requantize,
+        # through the ViT patch embedding's Reshape + Transpose back to tokens x channels)
+        # reads it in place; any other reader gets the one permuting copy (LowerCtx.value)
+        last = rq_node if rq_node is not None else node
+        if last.output[0] in ctx.graph_outputs:
+            out = ctx.bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+            if rq_node is not None:
+                ctx.bind_folded(rq_node, out)
+            return out
+        nchw = View(y, (n, m, oh, ow), lambda i: [i[0], i[2], i[3], i[1]], (n, oh, ow, m))
         if rq_node is not None:
-            ctx.bind_folded(rq_node, out)
-        return out
+            ctx.skipped.add(node.output[0])
+        ctx.bind_view(last, nchw)
+        return y
 
 
 SOFTMAX_FUSE_MAX_N = 1024  # longest rows the AMX kernel runs Softmax over (a task's rows)

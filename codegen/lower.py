@@ -541,9 +541,12 @@ def _requantize(ctx: LowerCtx, node, attrs):
     ci, cv = _vec_or_int(ctx, node.input[2])
     kw = dict(axis=int(attrs["axis"]), dtype=dt, lo=lo, hi=hi)
     src, index = movement_source(ctx, node.input[0])
-    if src != node.input[0]:  # read the data movement's source through its index map
+    view = ctx.views.get(src)
+    if view is not None:  # its elements live in another kernel's output: read them there
+        index = _compose([index, view.index])
+    if src != node.input[0] or view is not None:  # read through the movement's index map
         kw.update(shape=ctx.shapes[node.input[0]], index=index)
-    x = ctx.value(src)
+    x = view.source if view is not None else ctx.value(src)
     if bv is None and cv is None:
         return ctx.emit_te(lambda t: te_ops.requantize(t, bi, ci, **kw), x, name="requantize")
     shape = bv.shape if bv is not None and bv.ndim > 1 else (-1,)  # broadcast form: kept
