@@ -10,6 +10,7 @@ from intq.frontend.canonical import (
     FoldScalarIntoMatMul,
     FuseGelu,
     FuseLayerNorm,
+    GatherBeforeRowwise,
     GemmToMatMulAdd,
     canonicalize,
 )
@@ -27,4 +28,5 @@ __all__ = [
     "FuseLayerNorm",
     "FuseGelu",
     "FoldScalarIntoMatMul",
+    "GatherBeforeRowwise",
 ]

@@ -18,6 +18,7 @@ from intq.frontend import (
     FoldScalarIntoMatMul,
     FuseGelu,
     FuseLayerNorm,
+    GatherBeforeRowwise,
     GemmToMatMulAdd,
     canonicalize,
     infer_shapes,
@@ -498,3 +499,55 @@ def test_canonicalize_shapes_and_skips() -> None:
         if all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)
     }
     assert {o for n in res.model.graph.node for o in n.output} <= shaped
+
+
+# ------------------------------------------------------------------- GatherBeforeRowwise
+def cls_head_model(select_axis: int = 1, extra_output: str | None = None) -> onnx.ModelProto:
+    """x [2, 5, 8] -> LN -> fc1 + b -> Gelu -> fc2 + b -> + x -> LN -> Gather(axis, 0) -> head:
+    a transformer block's MLP half under a one-token classifier."""
+    w = lambda *s: (RNG.standard_normal(s) * 0.3).astype(F32)  # noqa: E731
+    inits = {
+        "g": w(8), "be": w(8), "w1": w(8, 16), "b1": w(16), "w2": w(16, 8), "b2": w(8),
+        "g2": w(8), "be2": w(8), "wh": w(8 if select_axis == 1 else 5, 3),
+        "i0": np.array(0, np.int64),
+    }  # fmt: skip
+    nodes = [
+        mk("LayerNormalization", ["x", "g", "be"], "h", axis=-1),
+        mk("MatMul", ["h", "w1"], "m1"),
+        mk("Add", ["m1", "b1"], "a1"),
+        mk("Gelu", ["a1"], "ge"),
+        mk("MatMul", ["ge", "w2"], "m2"),
+        mk("Add", ["m2", "b2"], "a2"),
+        mk("Add", ["x", "a2"], "r"),
+        mk("LayerNormalization", ["r", "g2", "be2"], "n", axis=-1),
+        mk("Gather", ["n", "i0"], "cls", axis=select_axis),
+        mk("MatMul", ["cls", "wh"], "y"),
+    ]
+    outs = ["y"] + ([extra_output] if extra_output else [])
+    return make_model(nodes, {"x": [2, 5, 8]}, outs, inits, opset=20)
+
+
+def test_gather_before_rowwise_computes_one_row() -> None:
+    """The token select climbs above both LayerNorms, the MLP and the residual add: every op
+    after it works on [2, 8] rows, the float outputs unchanged."""
+    res = apply(GatherBeforeRowwise(), cls_head_model())
+    g = res.model.graph
+    assert ops(res.model)[0] == "Gather" and ops(res.model).count("Gather") == 1
+    assert g.node[0].input[0] == "x"  # the model's input row, before everything else
+    typed = infer_shapes(res.model).graph
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in [*typed.value_info, *typed.output]}  # fmt: skip
+    for n in g.node[1:]:
+        assert len(shapes[n.output[0]]) == 2 and shapes[n.output[0]][0] == 2, n.output[0]
+    assert any("merged" in r for r in res.rewrites)  # x's two Gathers (residual, LN) -> one
+
+
+@pytest.mark.parametrize(
+    ("axis", "extra", "reason"),
+    [
+        (2, None, "normalizes over axis 2"),  # a feature of the LayerNorm's output
+        (1, "n", "read by more than this Gather"),  # the full rows are a graph output
+    ],
+)
+def test_gather_before_rowwise_must_not_fire(axis: int, extra: str | None, reason: str) -> None:
+    assert_unchanged(GatherBeforeRowwise(), cls_head_model(axis, extra), reason)

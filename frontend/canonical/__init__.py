@@ -19,6 +19,7 @@ from intq.frontend.canonical.fold_constants import FoldConstants
 from intq.frontend.canonical.fold_scalar_into_matmul import FoldScalarIntoMatMul
 from intq.frontend.canonical.fuse_gelu import FuseGelu
 from intq.frontend.canonical.fuse_layernorm import FuseLayerNorm
+from intq.frontend.canonical.gather_before_rowwise import GatherBeforeRowwise
 from intq.frontend.canonical.gemm_to_matmul_add import GemmToMatMulAdd
 from intq.frontend.canonical.key_mask import CanonicalKeyMask
 from intq.frontend.export import infer_shapes
@@ -36,6 +37,7 @@ __all__ = [
     "FuseGelu",
     "FoldScalarIntoMatMul",
     "CanonicalKeyMask",
+    "GatherBeforeRowwise",
 ]
 
 PASSES: tuple[type[Pass], ...] = (
@@ -47,6 +49,7 @@ PASSES: tuple[type[Pass], ...] = (
     FuseGelu,
     FoldScalarIntoMatMul,
     CanonicalKeyMask,
+    GatherBeforeRowwise,
 )
 
 
