@@ -22,14 +22,7 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
 from intq.codegen import compat, cpu_amx, cpu_lut, te_ops
-from intq.codegen.lower import (
-    View,
-    fit_affine,
-    gelu_table,
-    index_offsets,
-    requant_split,
-    view_affine,
-)
+from intq.codegen.lower import View, fit_affine, index_offsets, requant_split, view_affine
 from intq.errors import LoweringError
 from intq.ops import lookup
 
@@ -631,30 +624,13 @@ class CpuKernels:
             primfunc_attrs=self._attrs("dense", isa),
         )
 
-    def _gelu_reader(self, ctx, isa: str, a_dtype: str, rq_node, rq):
-        """(IntGELU, its byte table, last node) when an AMX dense's int8 Requantize is read by
-        an IntGELU alone that tabulates (`lower.gelu_table`, its following Requantize composed
-        in) into 8-bit entries: the epilogue then looks the table up with vpermi2b (VBMI), no
-        int8 tensor between. (A gather per element there made fc1 2x slower on the Xeon than a
-        separate table kernel.) Else None."""
-        if rq is None or rq[4] != "int8" or self.vbmi is None or not self._on_amx(isa, a_dtype):
-            return None
-        gnode = ctx.sole_consumer(rq_node.output[0], "IntGELU")
-        tab = gelu_table(ctx, gnode) if gnode is not None else None
-        if tab is None or str(tab[0].dtype) not in ("int8", "uint8"):
-            return None
-        return gnode, tab[0], tab[1]
-
     def _on_amx(self, isa: str, a_dtype: str) -> bool:
         """Whether a GEMM of flavour `isa` with an `a_dtype` left operand runs on AMX tiles."""
         return self.amx is not None and isa == self.isa and a_dtype in ("int8", "uint8")
 
-    def _gemm_amx(
-        self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias, rqs, table: np.ndarray | None = None
-    ) -> relax.Expr:
+    def _gemm_amx(self, ctx, x2d: relax.Expr, w_kn: np.ndarray, bias, rqs) -> relax.Expr:
         """The AMX form of _gemm (s8 or u8 left operand; no sign-flip compensation needed);
-        `rqs`: the Requantizes its epilogue applies in turn (see cpu_amx.gemm_amx_func), then
-        the byte `table` (indexed by the last one's 8-bit result) if given."""
+        `rqs`: the Requantizes its epilogue applies in turn (see cpu_amx.gemm_amx_func)."""
         m, k = (int(d) for d in x2d.ty.shape)
         n = w_kn.shape[1]
         bias_pad = np.zeros(cpu_amx.round_up(n, cpu_amx.BLOCK), np.int32)  # C starts from it
@@ -662,12 +638,9 @@ class CpuKernels:
             bias_pad[:n] = np.asarray(bias, np.int64).reshape(n)
         args = [_flat(ctx, x2d), relax.const(cpu_amx.pack_weight_amx(w_kn.astype(np.int8)))]
         args.append(relax.const(bias_pad))
-        name = "int8_dense_amx" + "_rq" * len(rqs) + ("_table" if table is not None else "")
-        lut = str(table.dtype) if table is not None else None
-        func = self._amx_func((1, m, k, n), str(x2d.ty.dtype), rqs, args, name, True, {}, lut=lut)
-        if table is not None:
-            args.append(relax.const(cpu_lut.byte_order(table, rqs[-1][4])))
-        y = _call_flat(ctx, func, name, args, m * n, lut or _out_dtype(rqs))
+        name = "int8_dense_amx" + "_rq" * len(rqs)
+        func = self._amx_func((1, m, k, n), str(x2d.ty.dtype), rqs, args, name, True, {})
+        y = _call_flat(ctx, func, name, args, m * n, _out_dtype(rqs))
         return ctx.bb.emit(relax.op.reshape(y, (m, n)))
 
     def _softmax_reader(self, ctx, node, rq_node, rq):
@@ -719,7 +692,7 @@ class CpuKernels:
         return _call_flat(ctx, func, name, args, size, out_dt)
 
     def _amx_func(
-        self, gmkn, a_dtype, rqs, args, name: str, dense: bool, layouts, softmax=None, lut=None
+        self, gmkn, a_dtype, rqs, args: list, name: str, dense: bool, layouts, softmax=None
     ):
         """The kernel; appends the per-column Requantize arrays to `args`."""
         for rb, rc, *_ in rqs:
@@ -736,7 +709,6 @@ class CpuKernels:
             prefetch=self.amx_prefetch,
             k_chunk=self.amx_k_chunk,
             softmax=softmax,
-            lut=lut,
             **layouts,
         )
 
@@ -766,15 +738,10 @@ class CpuKernels:
             return _plain_matmul(ctx, node)
         rows = int(np.prod(a_shape[:-1]))
         x2d = ctx.bb.emit(relax.op.reshape(a, (rows, a_shape[-1])))
+        # (a following ShiftGELU table lookup is NOT folded in as well: in the GEMM epilogue the
+        # per-element gather made fc1 2x slower on the Xeon than the GEMM + a separate table
+        # kernel, docs/PERFORMANCE.md)
         rq_node, rq = ctx.epilogue_requant(node)
-        gelu = self._gelu_reader(ctx, isa, ctx.dtypes[node.input[0]], rq_node, rq)
-        if gelu is not None:  # GEMM -> Requantize -> IntGELU [-> Requantize]: one AMX kernel
-            gnode, table, last = gelu
-            y = self._gemm_amx(ctx, x2d, w, bias, [rq], table)
-            out = ctx.bb.emit(relax.op.reshape(y, ctx.shapes[last.output[0]]))
-            ctx.skipped.update({rq_node.output[0], gnode.output[0]} - {last.output[0]})
-            ctx.bind_folded(last, out)
-            return out
         split = None
         if self._on_amx(isa, ctx.dtypes[node.input[0]]):  # q / k / v heads: in the epilogue
             split = requant_split(ctx, (rq_node or node).output[0])

@@ -48,7 +48,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
-from intq.codegen import cpu_lut, te_ops
+from intq.codegen import te_ops
 
 TILE_ROWS = 16
 TILE_BYTES = 64  # bytes per tile row: 64 int8 along K, or 16 int32 along N
@@ -259,7 +259,6 @@ def gemm_amx_func(
     prefetch: bool = True,
     k_chunk: int | None = None,
     softmax: int | None = None,
-    lut: str | None = None,
 ) -> tirx.PrimFunc:
     """PrimFunc y[g] = epilogue(A[g] @ B[g] + bias), A[g]: M x K, B[g]: K x N, for g < G.
 
@@ -280,10 +279,6 @@ def gemm_amx_func(
     then covers whole rows, its epilogues write int32 rows into a task buffer, and the task
     ends with Shiftmax over its rows (te_ops' element expressions, int_softmax's values) and
     writes uint8 probabilities; `rqs` must be per-tensor with an int32 result.
-    lut: a byte table applied to the last Requantize's 8-bit result (`cpu_lut`: ShiftGELU and
-    the Requantize after it, tabulated), its entries of dtype `lut` ("int8" / "uint8"): a
-    parameter t: int8[256] (`cpu_lut.byte_order`) after the per-column arrays, looked up by
-    vpermi2b on each output row's 32 bytes in the epilogue (y = t[u(rq(C))]).
     """
     kp, np_ = round_up(k, KSTEP), round_up(n, BLOCK)
     mblocks, nblocks = round_up(m, BLOCK) // BLOCK, np_ // BLOCK
@@ -297,10 +292,7 @@ def gemm_amx_func(
     kc = nk if per == 1 else min(nk, k_chunk or k_chunk_steps(kp))
     kpasses = (nk + kc - 1) // kc  # passes over the task's blocks; the last one runs epilogues
     nchunks = nblocks // per
-    if lut is not None and (softmax is not None or not rqs or rqs[-1][4] not in ("int8", "uint8")):
-        raise ValueError("AMX GEMM with a byte table: the last Requantize must give 8 bits")
     out_dtype = "uint8" if softmax is not None else (rqs[-1][4] if rqs else "int32")
-    out_dtype = lut or out_dtype
     tiles = _Tiles(a_dtype, emulate)
     al = a_layout or Layout.dense(g, m, k)
     bl = b_layout or Layout.dense(g, k, n)
@@ -321,10 +313,6 @@ def gemm_amx_func(
                     rb = T.arg(f"rq{i}_b", T.buffer((n,), "int32"))
                     rc = T.arg(f"rq{i}_c", T.buffer((n,), "int32"))
                 stages.append((rb, rc, lo, hi, dt))
-            table = None
-            if lut is not None:
-                t = T.arg("t", T.buffer((256,), "int8"))
-                table = _RowTable(t, rqs[-1][4], lut, emulate)
             y = T.arg("y", T.buffer((yl.size,), out_dtype))
             if packed_b:
                 bp = b
@@ -435,7 +423,7 @@ def gemm_amx_func(
                                 _epilogue_row(sm.scores, cbuf, buf, r, at, nb * BLOCK, np_, stages)
                             else:
                                 y_at = y_row0 + r * yl.row + nb * BLOCK
-                                _epilogue_row(y, cbuf, buf, r, y_at, nb * BLOCK, n, stages, table)
+                                _epilogue_row(y, cbuf, buf, r, y_at, nb * BLOCK, n, stages)
 
                     def blocks(src, src_at, stride: int, half: bool) -> None:
                         """The task's `per` output blocks (a loop: the code size does not grow
@@ -587,11 +575,11 @@ def _padded_row(dst, a_flat, r, at, ok, k: int, kp: int) -> None:
                     T.buffer_store(dst, zero, [r, ko * 16 + ki])
 
 
-def _epilogue_row(y, cbuf, buf: int, r, y_at, col0, n: int, stages, table=None) -> None:
+def _epilogue_row(y, cbuf, buf: int, r, y_at, col0, n: int, stages) -> None:
     """y[y_at : y_at + 32] = the Requantize `stages` applied in turn to cbuf[buf, r, :] (the
-    bias is already in C; columns col0 .. col0 + 31), vectorized, then looked up in `table`
-    (a _RowTable) if given. A block reaching past N computes its 32 values into a small buffer
-    (channel indices clamped) and copies the ones inside N."""
+    bias is already in C; columns col0 .. col0 + 31), vectorized. A block reaching past N
+    computes its 32 values into a small buffer (channel indices clamped) and copies the ones
+    inside N."""
 
     def value(j, clamp: bool):
         col = tirx.min(col0 + j, n - 1) if clamp else col0 + j
@@ -601,9 +589,6 @@ def _epilogue_row(y, cbuf, buf: int, r, y_at, col0, n: int, stages, table=None) 
         return v
 
     def direct() -> None:
-        if table is not None:
-            table.row(y, y_at, lambda j: value(j, False), BLOCK)
-            return
         with T.vectorized(0, BLOCK) as j:
             T.buffer_store(y, value(j, False), [y_at + j])
 
@@ -614,39 +599,8 @@ def _epilogue_row(y, cbuf, buf: int, r, y_at, col0, n: int, stages, table=None) 
         with T.Then():
             direct()
         with T.Else():
-            if table is not None:
-                table.row(y, y_at, lambda j: value(j, True), n - col0)
-                return
             ebuf = T.alloc_buffer((BLOCK,), y.dtype, align=64)
             with T.vectorized(0, BLOCK) as j:
                 T.buffer_store(ebuf, value(j, True), [j])
             with T.serial(0, n - col0) as j:
                 T.buffer_store(y, ebuf[j], [y_at + j])
-
-
-class _RowTable:
-    """A byte table looked up on one epilogue row: the row's 32 8-bit values go twice into a
-    64-byte buffer (every lane defined), cpu_lut's vpermi2b step (or its emulation) looks up all
-    64, and the first `count` results are stored to y."""
-
-    def __init__(self, t, in_dtype: str, out_dtype: str, emulate: bool) -> None:
-        self.t, self.in_dtype, self.out_dtype, self.emulate = t, in_dtype, out_dtype, emulate
-
-    def row(self, y, y_at, value, count) -> None:
-        lanes = cpu_lut.LANES
-        u = T.alloc_buffer((lanes,), self.in_dtype, align=64)
-        out = T.alloc_buffer((lanes,), self.out_dtype, align=64)
-        with T.vectorized(0, BLOCK) as j:
-            v = value(j)
-            T.buffer_store(u, v, [j])
-            T.buffer_store(u, v, [j + BLOCK])
-        if self.emulate:
-            cpu_lut.emulated_step(self.t, u, out, 0, self.out_dtype)
-        else:
-            cpu_lut.vector_step(self.t, u, out, 0, self.in_dtype, self.out_dtype)
-        if isinstance(count, int) and count == BLOCK:
-            with T.vectorized(0, BLOCK) as j:
-                T.buffer_store(y, out[j], [y_at + j])
-        else:
-            with T.serial(0, count) as j:
-                T.buffer_store(y, out[j], [y_at + j])

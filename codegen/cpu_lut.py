@@ -62,16 +62,16 @@ def byte_table_func(
                     first = task * (CHUNK // LANES)
                     with T.serial(first, tirx.min(first + CHUNK // LANES, nvec)) as v:
                         if emulate:
-                            emulated_step(t, x, y, v * LANES, out_dtype)
+                            _emulated_step(t, x, y, v * LANES, out_dtype)
                         else:
-                            vector_step(t, x, y, v * LANES, in_dtype, out_dtype)
+                            _vector_step(t, x, y, v * LANES, in_dtype, out_dtype)
             with T.serial(nvec * LANES, size) as i:
                 u = x[i].astype("int32") & 255
                 T.buffer_store(y, t[u].astype(out_dtype), [i])
     return ib.get()
 
 
-def vector_step(t, x, y, at, in_dtype: str, out_dtype: str) -> None:
+def _vector_step(t, x, y, at, in_dtype: str, out_dtype: str) -> None:
     """y[at : at + 64] by two vpermi2b (the quarters of PAIRS) and a blend on the sign bit."""
     vec = f"int8x{LANES}"
     quarter = [t[tirx.Ramp(q * LANES, 1, LANES)] for q in range(4)]  # hoisted by LLVM
@@ -89,7 +89,7 @@ def vector_step(t, x, y, at, in_dtype: str, out_dtype: str) -> None:
     T.buffer_store(y, r, [idx])
 
 
-def emulated_step(t, x, y, at, out_dtype: str) -> None:
+def _emulated_step(t, x, y, at, out_dtype: str) -> None:
     """The same step lane by lane: each vpermi2b by its definition, (u & 64 ? b : a)[u & 63] for
     its PAIRS quarters, then the same choice on the sign bit (tests the pairs and the blend)."""
     with T.serial(0, LANES) as i:

@@ -143,25 +143,6 @@ def _gelu(rng):
     return nodes, {"x": _ri(rng, -128, 127, (2, 197, 150), np.int8)}, {"b": b, "c": c}
 
 
-def _dense_gelu(m, k, n):
-    """IntMatMul x W + bias -> per-channel Requantize to int8 -> IntGELU -> Requantize to int8:
-    one AMX kernel, the GELU's byte table looked up by vpermi2b in the epilogue (fc1's shape
-    family; N % 32 != 0 exercises the last block's partial row)."""
-
-    def make(rng):
-        nodes, feeds, consts = _dense(m, k, n, rq="channel")(rng)
-        alpha = round(1.702 * np.log2(np.e) * 0.05 * 2**16)
-        b, c = (v.reshape(()) for v in _mult([1.3 * 2**-14]))
-        nodes[-1].output[0] = "h"
-        nodes += [
-            make_node("IntGELU", ["h"], ["g"], "gelu", alpha=alpha, frac_bits=16),
-            make_node("Requantize", ["g", "gb", "gc"], ["y"], "rq2", to=TensorProto.INT8),
-        ]
-        return nodes, feeds, {**consts, "gb": b, "gc": c}
-
-    return make
-
-
 CASES = {
     "full_blocks": _dense(32, 128, 64),  # M = 2 * 32 rows: in place, no padding
     "tail_rows_per_channel": _dense(197, 384, 96, rq="channel"),  # DeiT's rows
@@ -179,8 +160,6 @@ CASES = {
     # 26 fraction bits: the exponentials and their sum in int64 (te_ops.softmax_narrow False)
     "bmm_softmax_int64": _bmm_softmax(3, 70, 64, 33, rq=False, frac_bits=26),
     "gelu_byte_table": _gelu,  # the VBMI byte table (cpu_lut), not AMX
-    "dense_gelu_table": _dense_gelu(197, 128, 96),  # fc1 -> GELU table in the epilogue
-    "dense_gelu_table_ragged": _dense_gelu(40, 64, 40),  # half block, N % 32 != 0
 }
 
 
