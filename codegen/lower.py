@@ -112,6 +112,8 @@ class LowerCtx:
         node = self.producers.get(tensor)
         if node is None or node.op_type != "Requantize" or tensor in self.folded:
             return None
+        if tensor in self.views:  # applied already, in the epilogue of the kernel it lives in
+            return None
         if len(self.consumers.get(tensor, [])) != 1 or tensor in self.graph_outputs:
             return None
         rq = self.per_tensor_requant(node)
@@ -173,6 +175,9 @@ class LowerCtx:
         else None."""
         if node.input[1] not in self.consts or node.input[2] not in self.consts:
             return None
+        raw = self.consts[node.input[1]]
+        if raw.ndim > 1 and any(d != 1 for i, d in enumerate(raw.shape) if i != axis % ndim):
+            return None  # a broadcast multiplier that varies along another axis
         b, c = self.consts[node.input[1]].reshape(-1), self.consts[node.input[2]].reshape(-1)
         attrs = lookup(node).attrs_of(node)
         lo, hi = requant_bounds(attrs)

@@ -338,7 +338,8 @@ class QuantizePass(Pass):
             raise GraphError(f"input {vi.name!r} must have a static shape, got {shape}")
         np_dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if np_dt.kind == "f":  # quantized by the graph's first op, from the float32 bits
-            s = self._scale_for(vi.name, "int8")
+            # a step below 2^-30 (an input calibrated all zeros) keeps 1 / s a dyadic multiplier
+            s = max(self._scale_for(vi.name, "int8"), 2.0**-30)
             b, c = fp.quantize_multiplier(1.0 / s)
             base = _base(vi.name)
             q = self._emit(

@@ -551,3 +551,17 @@ def test_gather_before_rowwise_computes_one_row() -> None:
 )
 def test_gather_before_rowwise_must_not_fire(axis: int, extra: str | None, reason: str) -> None:
     assert_unchanged(GatherBeforeRowwise(), cls_head_model(axis, extra), reason)
+
+
+def test_gather_before_rowwise_lower_rank_operand_and_constant_index() -> None:
+    """Y = X[2, 4, 4] + P[4, 4], Gather(Y, 0, axis=1): P is gathered on its own axis 0 (right-
+    aligned), and an index from a Constant node placed after the Add still yields a sorted
+    graph (the new Gather reads an initializer copy of it)."""
+    nodes = [
+        mk("Add", ["x", "p"], "y"),
+        helper.make_node("Constant", [], ["i0"], value=numpy_helper.from_array(np.array(0))),
+        mk("Gather", ["y", "i0"], "z", axis=1),
+    ]
+    res = apply(GatherBeforeRowwise(), make_model(nodes, {"x": [2, 4, 4], "p": [4, 4]}, ["z"]))
+    gathers = [n for n in res.model.graph.node if n.op_type == "Gather"]
+    assert sorted(helper.get_attribute_value(n.attribute[0]) for n in gathers) == [0, 1]

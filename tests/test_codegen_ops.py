@@ -489,3 +489,17 @@ def test_residual_add_fused_into_layernorm(fuse, ln_reads_sum, post_ln, bcast):
     got = compat.to_numpy(vm["main"](*[compat.to_device_tensor(v) for v in feeds.values()]))
     want = ReferenceInterpreter(m).run(feeds)[out]
     assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_row_varying_multiplier_not_folded_as_columns():
+    """A Requantize whose full-rank multiplier varies along rows ([M, 1]) after a dense GEMM with
+    M == N is applied per row (the GEMM's per-column epilogue must not take it)."""
+    b, c = mult(RNG.uniform(1e-4, 1e-2, 16))
+    check(
+        [
+            make_node("IntMatMul", ["a", "w"], ["acc"], "mm"),
+            make_node("Requantize", ["acc", "b", "c"], ["y"], "rq", to=TensorProto.INT8),
+        ],
+        {"a": ri(-128, 127, (16, 16), np.int8)},
+        {"w": ri(-128, 127, (16, 16), np.int8), "b": b.reshape(16, 1), "c": c.reshape(16, 1)},
+    )

@@ -189,3 +189,41 @@ def test_device_tensor_shares_aligned_buffer():
     t = compat.to_device_tensor(q, zero_copy=True)
     q[...] = np.arange(15, dtype=np.int8).reshape(3, 5)
     assert np.array_equal(t.numpy(), q)
+
+
+def test_input_calibrated_all_zeros_compiles():
+    """An input that is all zeros in calibration gets the smallest step whose reciprocal is
+    still a dyadic multiplier (2^-30), so the in-graph quantizer builds; bit-exact."""
+
+    class M(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.relu(x + y)
+
+    rng = np.random.default_rng(0)
+    pair = lambda: (  # noqa: E731
+        torch.from_numpy(rng.standard_normal((2, 8)).astype(np.float32)),
+        torch.zeros(2, 8),
+    )
+    lib = intq.compile(M().eval(), pair(), calibration=[pair(), pair()])
+    x, y = (t.numpy() for t in pair())
+    assert np.array_equal(lib.run(x, y), intq.reference_run(lib.integer_onnx, x, y))
+
+
+def test_conv_whose_requantize_is_per_tensor_feeds_a_residual_add():
+    """A one-channel conv (its per-channel Requantize compacts to one multiplier) read by a
+    residual Add: the conv's epilogue applies the Requantize and the Add reads that result."""
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) + torch.relu(x)
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 1, 8, 8)).astype(np.float32)
+    cal = [torch.from_numpy(rng.standard_normal((1, 1, 8, 8)).astype(np.float32)) for _ in range(2)]
+    lib = intq.compile(M().eval(), torch.from_numpy(x), calibration=cal)
+    assert np.array_equal(lib.run(x), intq.reference_run(lib.integer_onnx, x))

@@ -129,10 +129,12 @@ def test_quantize_float_bits_is_exact_round_half_up(scale, to):
         assert y[-16 + 8 : -4].tolist() == ([2, -2, 18, -18] if lo < 0 else [2, 0, 18, 0])
 
 
-def test_quantize_float_bits_rejects_a_bad_multiplier():
+def test_quantize_float_bits_rejects_a_bad_multiplier_or_a_wide_output():
     d = intq_op("QuantizeFloatBits")
     with pytest.raises(GraphError, match="multiplier 0"):
         d.shape([(2, 3)], [np.dtype("int32")], dict(d.attributes, multiplier=0))
+    with pytest.raises(GraphError, match="8 or 16 bits"):  # its shift clamp needs |y| < 2^23
+        d.shape([(2, 3)], [np.dtype("int32")], dict(d.attributes, to=onnx.TensorProto.INT32))
 
 
 def test_int_add_saturates():

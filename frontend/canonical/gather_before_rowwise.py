@@ -11,7 +11,7 @@ computed: at DeiT's batch 1, 196 of the last block's 197 token rows in 4 of its 
 from __future__ import annotations
 
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from intq.frontend.canonical._match import Ctx, PatternPass, Skip, node_label, remove_nodes
 from intq.ir import NameGen, replace_uses
@@ -64,24 +64,25 @@ class GatherBeforeRowwise(PatternPass):
         if why:
             return Skip(f"{node_label(p)}: {why}")
         names = NameGen(ctx.g)
+        index = node.input[1]
+        if index not in ctx.inits:  # an initializer: the new Gathers need no other producer
+            index = names(f"{index}_value")
+            ctx.g.initializer.append(numpy_helper.from_array(idx, index))
         new = []
         for k, x in enumerate(p.input):
             if not x or not _spans(ctx, p, k, axis, rank):
                 continue
-            g = names(f"{x}_row")
-            new.append(
-                helper.make_node("Gather", [x, node.input[1]], [g], names(f"{g}_gather"), axis=axis)
-            )
             shape = ctx.shapes.get(x)
+            ax = axis - (rank - len(shape)) if shape is not None else axis  # right-aligned
+            g = names(f"{x}_row")
+            new.append(helper.make_node("Gather", [x, index], [g], names(f"{g}_gather"), axis=ax))
             if shape is not None:
-                ctx.shapes[g] = shape[:axis] + shape[axis + 1 :]
+                ctx.shapes[g] = shape[:ax] + shape[ax + 1 :]
             p.input[k] = g
         p.output[0] = node.output[0]
-        for n in new:  # right after its operands' producers: computed as early as it can be
-            srcs = [ctx.prods.get(i) for i in n.input]
-            at = max(
-                (k + 1 for k, m in enumerate(ctx.g.node) if any(m is q for q in srcs)), default=0
-            )
+        for n in new:  # right after its operand's producer: computed as early as it can be
+            src = ctx.prods.get(n.input[0])
+            at = next((k + 1 for k, m in enumerate(ctx.g.node) if m is src), 0)
             ctx.g.node.insert(at, n)
         remove_nodes(ctx.g, [node])
         return f"{node_label(node)} moved before {node_label(p)}"

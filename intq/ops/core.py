@@ -237,6 +237,8 @@ def _qbits_shape(shapes, dtypes, attrs):
         raise GraphError(
             f"QuantizeFloatBits: multiplier {b} must be in (0, 2^31) and shift {c} in [0, 62]"
         )
+    if out_dtype(attrs).itemsize > 2:  # the shift clamp saturates exactly only below 2^23
+        raise GraphError(f"QuantizeFloatBits: output {out_dtype(attrs)} (8 or 16 bits only)")
     return [(shapes[0], out_dtype(attrs))]
 
 
@@ -251,7 +253,7 @@ register(
         name="QuantizeFloatBits",
         domain=INTQ_DOMAIN,
         inputs=(InputSpec("X", ("int32",), doc="IEEE-754 binary32 bit patterns"),),
-        attributes={"multiplier": 1, "shift": 0, "to": onnx.TensorProto.INT8},
+        attributes={"multiplier": 1, "shift": 0, "to": onnx.TensorProto.INT8},  # 8 / 16 bits
         shape=_qbits_shape,
         reference=_qbits_ref,
         doc="The input quantizer on the float input's bits: Y = saturate(floor(value(X) * b / "
