@@ -517,9 +517,12 @@ def requant_split(ctx: LowerCtx, tensor: str) -> RequantSplit | None:
     for node, (bl, cl, *_), index in leaves:  # each column's multiplier: one, from any leaf
         flat = index_offsets(index, ctx.shapes[node.output[0]], shape).reshape(-1)
         count += np.bincount(flat, minlength=size)
-        col = flat % n
-        b[col], c[col] = bl.reshape(-1), cl.reshape(-1)
-        if (b[col] != bl.reshape(-1)).any() or (c[col] != cl.reshape(-1)).any():
+        col, bl, cl = flat % n, bl.reshape(-1), cl.reshape(-1)
+        seen = b[col] != -1  # columns an earlier leaf gave a multiplier: they must agree
+        if (b[col][seen] != bl[seen]).any() or (c[col][seen] != cl[seen]).any():
+            return None
+        b[col], c[col] = bl, cl
+        if (b[col] != bl).any() or (c[col] != cl).any():  # and within this leaf
             return None
     if (count != 1).any():
         return None

@@ -350,23 +350,28 @@ def test_split_k_dense_compiles_and_matches_reference(monkeypatch):
     assert "int8_dense_splitk" in names
 
 
-def _split_ctx(shape, leaves, extra_output=None):
-    """LowerCtx over y[shape] -> Reshape [a, 2, b] -> Gather(axis 1, i) -> Requantize_i."""
+def _split_ctx(shape, leaves, extra_output=None, by_rows=False):
+    """LowerCtx over y[shape] -> Reshape [a, 2, b] -> Gather(axis 1, i) -> Requantize_i (two
+    column halves); by_rows: Reshape [2, a / 2, b] -> Gather(axis 0, i) (two row halves)."""
     from onnx import helper
 
     from intq.codegen.lower import LowerCtx
     from intq.ops import make_node
 
     rows, cols = shape
-    consts = {"shape3": np.array([rows, 2, cols // 2], np.int64)}
-    shapes = {"y": shape, "y3": (rows, 2, cols // 2)}
+    split = (2, rows // 2, cols) if by_rows else (rows, 2, cols // 2)
+    head = (rows // 2, cols) if by_rows else (rows, cols // 2)
+    consts = {"shape3": np.array(split, np.int64)}
+    shapes = {"y": shape, "y3": split}
     nodes = [helper.make_node("Reshape", ["y", "shape3"], ["y3"])]
     for i, (b, c) in leaves.items():
         consts[f"i{i}"] = np.array(i, np.int64)
         consts[f"b{i}"], consts[f"c{i}"] = np.array(b, np.int32), np.array(c, np.int32)
-        nodes.append(helper.make_node("Gather", ["y3", f"i{i}"], [f"h{i}"], axis=1))
+        nodes.append(
+            helper.make_node("Gather", ["y3", f"i{i}"], [f"h{i}"], axis=0 if by_rows else 1)
+        )
         nodes.append(make_node("Requantize", [f"h{i}", f"b{i}", f"c{i}"], [f"q{i}"], f"r{i}", to=3))
-        shapes[f"h{i}"] = shapes[f"q{i}"] = (rows, cols // 2)
+        shapes[f"h{i}"] = shapes[f"q{i}"] = head
     ctx = LowerCtx(None, consts, shapes, {k: "int32" for k in shapes})
     for node in nodes:
         for t in node.input:
@@ -411,3 +416,7 @@ def test_requant_split_declines():
     ctx.consts["b1"] = np.array([[1 << 29], [1 << 28], [1 << 29]], np.int32)  # varies by row
     ctx.consts["c1"] = np.full((3, 1), 33, np.int32)
     assert requant_split(ctx, "y") is None  # a column would need two multipliers
+    rows = _split_ctx((4, 8), leaves, by_rows=True)  # each column in both leaves, two multipliers
+    assert requant_split(rows, "y") is None
+    same = _split_ctx((4, 8), {0: (1 << 30, 31), 1: (1 << 30, 31)}, by_rows=True)
+    assert requant_split(same, "y").rq[:2] == (1 << 30, 31)  # agreeing leaves: folded
