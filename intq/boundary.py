@@ -123,10 +123,9 @@ def float_bits(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """The int32 bit patterns of `x` as float32 (the graph's `QuantizeFloatBits` reads them):
     a view when `x` is already float32, else x rounded to float32 first; into `out` (int32,
     x's shape) when given."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
     if out is None:
-        return bits
-    np.copyto(out, bits)
+        return np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
+    np.copyto(out.view(np.float32), x, casting="same_kind")  # one pass, rounding as astype
     return out
 
 
