@@ -547,6 +547,7 @@ class CpuKernels:
         self.amx = amx or ("hw" if isa == "amx" else None)
         self.amx_prefetch = True  # cpu_amx.gemm_amx_func(prefetch=)
         self.amx_k_chunk: int | None = None  # cpu_amx.gemm_amx_func(k_chunk=); None: by shape
+        self.amx_hi32_rq = True  # cpu_amx.gemm_amx_func(hi32_rq=): epilogues in int32 lanes
         # a residual IntAdd and the IntLayerNorm reading it as one row kernel (two outputs)
         self.fuse_add_layernorm = True
         # attention's Q K^T, its Requantize and the IntSoftmax as one AMX kernel
@@ -695,9 +696,9 @@ class CpuKernels:
         self, gmkn, a_dtype, rqs, args: list, name: str, dense: bool, layouts, softmax=None
     ):
         """The kernel; appends the per-column Requantize arrays to `args`."""
-        for rb, rc, *_ in rqs:
-            if isinstance(rb, np.ndarray):
-                args += [relax.const(np.asarray(v, np.int32)) for v in (rb, rc)]
+        hi32 = cpu_amx.epilogue_in_int32(rqs, self.amx_hi32_rq)
+        n = gmkn[3]
+        args += [relax.const(a) for a in cpu_amx.epilogue_arrays(rqs, n, hi32)]
         return cpu_amx.gemm_amx_func(
             *gmkn,
             a_dtype,
@@ -707,6 +708,7 @@ class CpuKernels:
             name=name,
             emulate=self.amx == "emulate",
             prefetch=self.amx_prefetch,
+            hi32_rq=self.amx_hi32_rq,
             k_chunk=self.amx_k_chunk,
             softmax=softmax,
             **layouts,

@@ -6,7 +6,10 @@ VNNI layout B[16 k-quads][16 columns][4] (row kq of the tile = 64 bytes: column 
 
 Kernel (`gemm_amx_func`): y[g, i, j] = epilogue(sum_k A[g, i, k] B[g, k, j] + bias[j]), the
 epilogue being the Requantize stages folded in, applied in turn (`fixedpoint.requantize_dyadic`,
-the reference's own formula), or none. B is a constant packed at compile time
+the reference's own formula), or none. Where every stage's shifts are 33..62 (the usual case)
+the epilogue runs in 16-lane int32 vectors from the products' high halves
+(`fixedpoint.requantize_dyadic_hi32`, the same values; on the Xeon DeiT-Small b1 0.978 and
+1/1.023 of the int64 form's time). B is a constant packed at compile time
 (`pack_weight_amx`: dense layers, one B for every g) or a tensor packed per call inside the
 kernel (batched matmul). A, B and y are flat buffers addressed through a `Layout` (affine in g's
 digits, the row and the column), so an operand can be a view inside another tensor (a q head
@@ -49,11 +52,13 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
 from intq.codegen import te_ops
+from intq.ops import fixedpoint as fp
 
 TILE_ROWS = 16
 TILE_BYTES = 64  # bytes per tile row: 64 int8 along K, or 16 int32 along N
 BLOCK = 32  # output block: 2 x 2 C tiles
 KSTEP = 64
+VEC = 16  # int32 lanes of an epilogue vector (a zmm)
 C_TILES, A_TILES, B_TILES = (0, 1, 2, 3), (4, 5), (6, 7)
 # C tile t = A tile (its row half) x B tile (its column half); its corner in the 32 x 32 block
 DOTS = ((0, 4, 6), (1, 4, 7), (2, 5, 6), (3, 5, 7))
@@ -240,6 +245,32 @@ class Layout:
         return off
 
 
+def epilogue_in_int32(rqs, enabled: bool = True) -> bool:
+    """Whether a kernel's epilogue requantizes in int32 lanes (te_ops.requant_hi32_lanes): every
+    stage's multipliers pass fixedpoint.hi32_applies."""
+    return enabled and bool(rqs) and all(fp.hi32_applies(r[0], r[1]) for r in rqs)
+
+
+def epilogue_arrays(rqs, n: int, hi32: bool) -> list[np.ndarray]:
+    """The int32 arrays a kernel takes for its per-column stages, in order: b and c (N each);
+    with `hi32` b and c - 32 (the shift after the products' high half, an array so that TVM's
+    bound analysis sees a plain load: TVM 0.27 bounds an int32 x >> (c - k) as [-1, 0] and
+    drops a clamp after it), zero padded to whole 32-column blocks (b = 0, shift 1)."""
+    out = []
+    for rb, rc, *_ in rqs:
+        if not isinstance(rb, np.ndarray):
+            continue
+        b, c = (np.broadcast_to(np.asarray(v, np.int64), (n,)) for v in (rb, rc))
+        if not hi32:
+            out += [b.astype(np.int32), c.astype(np.int32)]
+            continue
+        np_ = round_up(n, BLOCK)
+        bp, shp = np.zeros(np_, np.int32), np.ones(np_, np.int32)
+        bp[:n], shp[:n] = b, c - 32
+        out += [bp, shp]
+    return out
+
+
 def gemm_amx_func(
     g: int,
     m: int,
@@ -257,6 +288,7 @@ def gemm_amx_func(
     emulate: bool = False,
     probe: str = "",
     prefetch: bool = True,
+    hi32_rq: bool = True,
     k_chunk: int | None = None,
     softmax: int | None = None,
 ) -> tirx.PrimFunc:
@@ -267,12 +299,14 @@ def gemm_amx_func(
     every g), else int8, flat, by b_layout (default dense [G, K, N]); y flat, by y_layout
     (default dense [G, M, N]; N contiguous); bias int32[Np] (N rounded up
     to 32, zero padded: C tiles start from it) if `bias`;
-    for each stage of `rqs` whose multiplier / shift are arrays, int32[N] b and c; then y.
+    for each stage of `rqs` whose multiplier / shift are arrays, its `epilogue_arrays`; then y.
     rqs: the Requantizes applied in order in the epilogue, each (b, c, lo, hi, dtype) with b, c
     ints (per tensor) or int32 arrays along N (per column); () = int32 out.
     probe (benchmarks/amx_probe.py only; wrong results): "no_epilogue" drops the epilogue,
     "compute_only" also three of the four C stores, to time the parts of the kernel apart.
     prefetch: software-prefetch each next block's B (see compute) - a hint, same results.
+    hi32_rq: requantize in int32 vector lanes from the products' high halves where every stage
+    passes fixedpoint.hi32_applies (te_ops.requant_hi32_lanes; the same results).
     k_chunk: k-steps per pass over a task's blocks (default `k_chunk_steps`); the sums are the
     same exact int32 sums in any order.
     softmax: IntSoftmax (frac_bits) over each output row, fused (attention's Q K^T): a task
@@ -292,6 +326,7 @@ def gemm_amx_func(
     kc = nk if per == 1 else min(nk, k_chunk or k_chunk_steps(kp))
     kpasses = (nk + kc - 1) // kc  # passes over the task's blocks; the last one runs epilogues
     nchunks = nblocks // per
+    hi32 = epilogue_in_int32(rqs, hi32_rq)
     out_dtype = "uint8" if softmax is not None else (rqs[-1][4] if rqs else "int32")
     tiles = _Tiles(a_dtype, emulate)
     al = a_layout or Layout.dense(g, m, k)
@@ -307,13 +342,19 @@ def gemm_amx_func(
             a_flat = T.arg("a", T.buffer((al.size,), a_dtype))
             b = T.arg("b", T.buffer(bp_shape if packed_b else (bl.size,), "int8"))
             bias_t = T.arg("bias", T.buffer((np_,), "int32")) if bias else None
-            stages = []  # rqs with their per-column arrays replaced by buffer parameters
+            # rqs with their per-column arrays replaced by buffer parameters (epilogue_arrays);
+            # with hi32 each stage's shift is c - 32
+            stages = []
             for i, (rb, rc, lo, hi, dt) in enumerate(rqs):
                 if isinstance(rb, np.ndarray):
-                    rb = T.arg(f"rq{i}_b", T.buffer((n,), "int32"))
-                    rc = T.arg(f"rq{i}_c", T.buffer((n,), "int32"))
+                    size = np_ if hi32 else n
+                    rb = T.arg(f"rq{i}_b", T.buffer((size,), "int32"))
+                    rc = T.arg(f"rq{i}_{'sh' if hi32 else 'c'}", T.buffer((size,), "int32"))
+                elif hi32:
+                    rc = int(rc) - 32
                 stages.append((rb, rc, lo, hi, dt))
             y = T.arg("y", T.buffer((yl.size,), out_dtype))
+            rq = (stages, hi32)
             if packed_b:
                 bp = b
             else:
@@ -420,10 +461,10 @@ def gemm_amx_func(
                         with T.serial(0, rows) as r:
                             if softmax is not None:  # into the task's rows (all 32 columns)
                                 at = r * np_ + nb * BLOCK
-                                _epilogue_row(sm.scores, cbuf, buf, r, at, nb * BLOCK, np_, stages)
+                                _epilogue_row(sm.scores, cbuf, buf, r, at, nb * BLOCK, np_, *rq)
                             else:
                                 y_at = y_row0 + r * yl.row + nb * BLOCK
-                                _epilogue_row(y, cbuf, buf, r, y_at, nb * BLOCK, n, stages)
+                                _epilogue_row(y, cbuf, buf, r, y_at, nb * BLOCK, n, *rq)
 
                     def blocks(src, src_at, stride: int, half: bool) -> None:
                         """The task's `per` output blocks (a loop: the code size does not grow
@@ -575,11 +616,12 @@ def _padded_row(dst, a_flat, r, at, ok, k: int, kp: int) -> None:
                     T.buffer_store(dst, zero, [r, ko * 16 + ki])
 
 
-def _epilogue_row(y, cbuf, buf: int, r, y_at, col0, n: int, stages) -> None:
+def _epilogue_row(y, cbuf, buf: int, r, y_at, col0, n: int, stages, hi32: bool) -> None:
     """y[y_at : y_at + 32] = the Requantize `stages` applied in turn to cbuf[buf, r, :] (the
-    bias is already in C; columns col0 .. col0 + 31), vectorized. A block reaching past N
-    computes its 32 values into a small buffer (channel indices clamped) and copies the ones
-    inside N."""
+    bias is already in C; columns col0 .. col0 + 31), vectorized: with `hi32` in 16-lane int32
+    vectors by te_ops.requant_hi32_lanes (each stage's shift is c - 32, its arrays padded to a
+    whole block), else by the int64 formula. A block reaching past N computes its 32 values into
+    a small buffer (int64 formula: channel indices clamped) and copies the ones inside N."""
 
     def value(j, clamp: bool):
         col = tirx.min(col0 + j, n - 1) if clamp else col0 + j
@@ -588,19 +630,27 @@ def _epilogue_row(y, cbuf, buf: int, r, y_at, col0, n: int, stages) -> None:
             v = te_ops.requant_expr(v, b, c, lo, hi, dt, ch=col)
         return v
 
-    def direct() -> None:
-        with T.vectorized(0, BLOCK) as j:
-            T.buffer_store(y, value(j, False), [y_at + j])
+    def store(dst, at, clamp: bool) -> None:
+        if not hi32:
+            with T.vectorized(0, BLOCK) as j:
+                T.buffer_store(dst, value(j, clamp), [at + j])
+            return
+        for j0 in range(0, BLOCK, VEC):
+            v = cbuf[buf, r, tirx.Ramp(j0, 1, VEC)]
+            cols = tirx.Ramp(col0 + j0, 1, VEC)
+            for b, sh, lo, hi, _ in stages:
+                bv, shv = (t if isinstance(t, int) else t[cols] for t in (b, sh))
+                v = te_ops.requant_hi32_lanes(v, bv, shv, lo, hi, VEC)
+            T.buffer_store(dst, v.astype(f"{y.dtype}x{VEC}"), [tirx.Ramp(at + j0, 1, VEC)])
 
     if n % BLOCK == 0:
-        direct()
+        store(y, y_at, False)
         return
     with T.If(col0 + BLOCK <= n):
         with T.Then():
-            direct()
+            store(y, y_at, False)
         with T.Else():
             ebuf = T.alloc_buffer((BLOCK,), y.dtype, align=64)
-            with T.vectorized(0, BLOCK) as j:
-                T.buffer_store(ebuf, value(j, True), [j])
+            store(ebuf, 0, True)
             with T.serial(0, n - col0) as j:
                 T.buffer_store(y, ebuf[j], [y_at + j])

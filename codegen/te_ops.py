@@ -65,6 +65,34 @@ def requant_expr(v, b, c, lo: int, hi: int, dtype: str, ch=None):
     return fp.requantize_dyadic(_i64(v), bb, cc, lo, hi, TE).astype(dtype)
 
 
+def requant_hi32_lanes(x, b, sh, lo: int, hi: int, n: int):
+    """fixedpoint.requantize_dyadic_hi32 on an int32 vector `x` of n lanes (n even; TIR), the
+    result int32 (clamped to [lo, hi]); `b` and `sh` = c - 32: python ints or int32 vectors of n
+    lanes, where fixedpoint.hi32_applies(b, c). A vector `sh` must be a load, not an expression
+    c - 32: TVM 0.27 bounds an int32 x >> (c - k) as [-1, 0] and then drops the clamp.
+    The products are int64 lanes whose operands are int32 sign-extended in place (x86: vpmuldq
+    of the even int32 lanes, then of the odd ones shifted down), their high halves picked by one
+    two-source shuffle (vpermt2d); every step after that is in int32 lanes, where the int64
+    formula (requant_expr) widens x to int64 and narrows the results back (on Sapphire Rapids
+    about twice the shuffle-port work)."""
+    half = n // 2
+    s32 = tirx.Broadcast(tirx.const(32, "int64"), half)
+
+    def lanes(v):
+        return v if not isinstance(v, int) else tirx.Broadcast(tirx.const(v, "int32"), n)
+
+    def even_odd(v):  # the even / odd int32 lanes sign-extended into int64 lanes
+        w = tirx.reinterpret(f"int64x{half}", v)
+        return (w << s32) >> s32, w >> s32
+
+    (xe, xo), (be, bo) = even_odd(x), even_odd(lanes(b))
+    pe, po = (tirx.reinterpret(f"int32x{n}", p) for p in (xe * be, xo * bo))
+    h = tirx.Shuffle([pe, po], [tirx.const(i // 2 * 2 + 1 + i % 2 * n, "int32") for i in range(n)])
+    rnd = lanes(1 << (sh - 1)) if isinstance(sh, int) else (lanes(1) << sh) >> lanes(1)
+    v = (h + rnd) >> lanes(sh)
+    return tirx.max(tirx.min(v, lanes(hi)), lanes(lo))
+
+
 def requantize(
     x: te.Tensor, b, c, *, axis: int, dtype: str, lo: int, hi: int, shape=None, index=None
 ) -> te.Tensor:

@@ -10,7 +10,7 @@ The cases cover the kernel's paths: full 32-row blocks read in place, a last blo
 16 rows (half a block; read from a zero-padded copy where its reads would pass the end of A),
 K % 64 != 0 (k-steps past K meet zero rows of B), N % 32 != 0 (the last column block's
 epilogue through a small buffer), a uint8 left operand (tdpbusd), per-tensor and per-channel
-Requantize folded in, deep K in passes over the blocks (3 passes; one of them short), batched
+Requantize folded in (in int32 lanes, and multipliers too large for them), deep K in passes over the blocks (3 passes; one of them short), batched
 matmuls with B packed per call, attention's scores with their Requantize and Softmax in the
 kernel, and an im2col convolution.
 """
@@ -50,8 +50,9 @@ def _mult(values):
     return np.array([b for b, _ in bc], np.int32), np.array([c for _, c in bc], np.int32)
 
 
-def _dense(m, k, n, adt=np.int8, rq=None):
-    """IntMatMul x[2, m, k] @ W[k, n] + bias, then Requantize when rq = "tensor" / "channel"."""
+def _dense(m, k, n, adt=np.int8, rq=None, scales=(1e-5, 2e-3)):
+    """IntMatMul x[2, m, k] @ W[k, n] + bias, then Requantize when rq = "tensor" / "channel"
+    (multipliers drawn log-uniformly from `scales`)."""
 
     def make(rng):
         lo, hi = (-128, 127) if adt == np.int8 else (0, 255)
@@ -61,10 +62,10 @@ def _dense(m, k, n, adt=np.int8, rq=None):
             "bias": _ri(rng, -(2**20), 2**20, n, np.int32),
         }
         if rq is not None:
-            scales = rng.uniform(1e-5, 2e-3, n if rq == "channel" else 1)
-            consts["b"], consts["c"] = _mult(scales)
+            log_lo, log_hi = np.log(scales)
+            consts["b"], consts["c"] = _mult(np.exp(rng.uniform(log_lo, log_hi, n)))
             if rq == "tensor":
-                consts["b"], consts["c"] = consts["b"].reshape(()), consts["c"].reshape(())
+                consts["b"], consts["c"] = consts["b"][:1].reshape(()), consts["c"][:1].reshape(())
             nodes.append(
                 make_node(
                     "Requantize", ["acc", "b", "c"], ["y"], "rq", to=TensorProto.INT8, axis=-1
@@ -149,6 +150,10 @@ CASES = {
     "pad_k_and_n": _dense(13, 37, 40),  # K % 64, N % 32 != 0
     "u8_per_tensor_wide_n": _dense(25, 64, 1000, adt=np.uint8, rq="tensor"),
     "deep_k": _dense(40, 1536, 64, rq="channel"),  # K in 3 passes of 8 k-steps (k_chunk_steps)
+    # per-column stages in int32 lanes on a ragged last block (arrays padded to whole blocks)
+    "per_channel_ragged_n": _dense(45, 64, 40, rq="channel", scales=(1e-4, 5e-2)),
+    # multipliers up to 4: shifts below 33, so the epilogue keeps the int64 formula
+    "wide_multipliers": _dense(40, 64, 64, rq="channel", scales=(1e-6, 4.0)),
     "deep_k_ragged_u8": _dense(40, 1100, 40, adt=np.uint8),  # passes 8, 8, 2; half block; N % 32
     "conv_im2col": _conv,
     "bmm_qk": _bmm(3, 197, 64, 197, rq=True),  # attention's Q K^T (DeiT shapes)
@@ -222,6 +227,57 @@ def test_amx_kernels_build_and_match_reference_on_amx_hosts(case):
     vm = compat.virtual_machine(ex)
     got = compat.to_numpy(vm["main"](*[compat.to_device_tensor(v) for v in feeds.values()]))
     np.testing.assert_array_equal(got, want)
+
+
+def test_amx_epilogue_requantizes_in_int32_lanes():
+    """Where every multiplier passes fixedpoint.hi32_applies the epilogue multiplies the int32
+    sums in place (vpmuldq), picks the products' high halves by one shuffle (vpermt2d) and never
+    widens the sums to int64 (vpmovsxdq); shifts below 33 keep the int64 formula."""
+    *_, fast = compile_case("tail_rows_per_channel")
+    assert "vpmuldq" in fast and "vpermt2d" in fast and "vpmovsxdq" not in fast
+    *_, wide = compile_case("wide_multipliers")
+    assert "vpmovsxdq" in wide and "vpermt2d" not in wide
+
+
+def _int32_shifts_by_offset(mod) -> list[str]:
+    """int32 right shifts whose amount is an expression +- a constant, in the TIR of `mod`."""
+    import tvm_ffi
+
+    consts = ("IntImm", "Broadcast")
+    found = []
+
+    def visit(node) -> None:
+        if type(node).__name__ != "RShift" or "int32" not in str(node.ty):
+            return
+        amount = node.b
+        if type(amount).__name__ in ("Sub", "Add") and {
+            type(amount.a).__name__,
+            type(amount.b).__name__,
+        } & set(consts):
+            found.append(str(node)[:120])
+
+    for _, func in compat.iter_tir_functions(mod):
+        tvm_ffi.structural_walk(func, visit)
+    return found
+
+
+@pytest.mark.parametrize("case", ["tail_rows_per_channel", "per_channel_ragged_n", "bmm_qk"])
+def test_amx_epilogue_shifts_are_loads_or_constants(case):
+    """TVM 0.27 bounds an int32 x >> (c - k) as [-1, 0] (so Simplify drops a clamp after it): the
+    int32 epilogue's shifts are constants or loads of c - 32 arrays made at compile time."""
+    from tvm import tirx
+    from tvm.sym import Analyzer
+
+    from intq.codegen.lower import to_relax
+
+    h, c = tirx.Var("h", "int32"), tirx.Var("c", "int32")
+    bound = Analyzer().const_int_bound(h >> (c - 32))
+    if (bound.min_value, bound.max_value) != (-1, 0):
+        pytest.skip("this TVM bounds x >> (c - k) soundly; the check below guards 0.27")
+    model, _, _ = build_case(case)
+    kernels = CpuKernels(AMX_TARGET)
+    mod = kernels.schedule(to_relax(model, kernels))
+    assert not _int32_shifts_by_offset(mod)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -37,6 +37,31 @@ def test_requantize_saturates():
     assert y.tolist() == [-128, -128, 0, 127, 127]
 
 
+def test_requantize_hi32_equals_requantize_dyadic():
+    """The fast path's identity over every shift it takes, the int32 extremes of x and b, values
+    whose low 32 product bits sit at the rounding boundary, and random values."""
+    rng = np.random.default_rng(3)
+    i32 = np.iinfo(np.int32)
+    edge = np.array([i32.min, i32.min + 1, -(2**16), -2, -1, 0, 1, 2, 2**16, i32.max - 1, i32.max])
+    for c in range(fp.HI32_MIN_SHIFT, fp.MAX_SHIFT + 1):
+        b = np.concatenate([edge, rng.integers(i32.min, i32.max, 40, endpoint=True)])
+        x = np.concatenate([edge, rng.integers(i32.min, i32.max, 400, endpoint=True)])
+        xx, bb = (a.astype(np.int64) for a in np.meshgrid(x, b))
+        # x * b == (2k + 1) 2^(c-1) exactly: the halfway cases round up, from both signs
+        half = np.array([[2**c - 1, 1], [2 ** (c - 1), 3], [-(2 ** (c - 1)), 1]], np.int64)
+        ok = np.abs(half[:, 0]) <= i32.max
+        xx = np.concatenate([xx.ravel(), half[ok, 0], -half[ok, 0]])
+        bb = np.concatenate([bb.ravel(), half[ok, 1], half[ok, 1]])
+        for lo, hi in ((-128, 127), (0, 255), (i32.min, i32.max)):
+            want = fp.requantize_dyadic(xx, bb, np.int64(c), lo, hi)
+            got = fp.requantize_dyadic_hi32(xx, bb, c, lo, hi)
+            assert np.array_equal(got.astype(np.int64), want), (c, lo, hi)
+    assert fp.hi32_applies(np.array([5, -(2**31)]), np.array([33, 62]))
+    assert not fp.hi32_applies(5, 32)  # the rounding term 2^31 reaches the low 32 bits
+    assert not fp.hi32_applies(2**31, 40)  # b beyond int32
+    assert not fp.hi32_applies(np.array([5, 7]), np.array([40, 63]))
+
+
 def test_div_round():
     a = np.array([-7, -6, -5, -1, 0, 1, 5, 6, 7], dtype=np.int64)
     assert np.array_equal(fp.div_round(a, 4), np.floor(a / 4 + 0.5).astype(np.int64))

@@ -107,6 +107,39 @@ def requantize_dyadic(x: Any, b: Any, c: Any, lo: int, hi: int, xp: Any = NUMPY)
     return xp.minimum(xp.maximum(round_shift(x * b, c, xp), lo), hi)
 
 
+# The same requantization from the product's high 32 bits, for int32 x and b and 33 <= c <= 62
+# (a lowering's fast path; tests check it against requantize_dyadic). With P = x * b = h 2^32 + l,
+# h = floor(P / 2^32), 0 <= l < 2^32 and c - 1 >= 32, P + 2^(c-1) = (h + 2^(c-33)) 2^32 + l, so
+# round_shift(P, c) = floor((h + 2^(c-33) + l / 2^32) / 2^(c-32)) = (h + 2^(c-33)) >> (c - 32):
+# an integer plus a fraction below 1, divided by an integer. |P| <= 2^62 gives |h| <= 2^30 and
+# 2^(c-33) <= 2^29: every step after the product fits in int32.
+HI32_MIN_SHIFT = 33
+
+
+def hi32_applies(b: Any, c: Any) -> bool:
+    """Whether requantize_dyadic_hi32 equals requantize_dyadic for multiplier(s) b / 2^c (ints
+    or arrays) and every int32 x: b fits in int32 and HI32_MIN_SHIFT <= c <= MAX_SHIFT."""
+    b, c = np.asarray(b, dtype=np.int64), np.asarray(c, dtype=np.int64)
+    i32 = np.iinfo(np.int32)
+    return bool(
+        b.size
+        and c.size
+        and b.min() >= i32.min
+        and b.max() <= i32.max
+        and c.min() >= HI32_MIN_SHIFT
+        and c.max() <= MAX_SHIFT
+    )
+
+
+def requantize_dyadic_hi32(x: Any, b: Any, c: Any, lo: int, hi: int) -> np.ndarray:
+    """requantize_dyadic(x, b, c, lo, hi) computed as clip((h + 2^(c-33)) >> (c - 32), lo, hi),
+    h = (x * b) >> 32, each step after the product in int32 (numpy; where hi32_applies)."""
+    h = ((np.asarray(x, np.int64) * np.asarray(b, np.int64)) >> 32).astype(np.int32)
+    c32 = np.asarray(c, np.int32)
+    v = (h + (np.int32(1) << (c32 - 33))) >> (c32 - 32)
+    return np.minimum(np.maximum(v, lo), hi)
+
+
 # IEEE-754 binary32 fields: value = (-1)^s * m * 2^(max(e, 1) - F32_BIAS), m = f + 2^23 [e > 0].
 F32_MANT_BITS = 23
 F32_BIAS = 150  # 127 + 23: the exponent of the integer mantissa m
