@@ -10,9 +10,9 @@ The cases cover the kernel's paths: full 32-row blocks read in place, a last blo
 16 rows (half a block; read from a zero-padded copy where its reads would pass the end of A),
 K % 64 != 0 (k-steps past K meet zero rows of B), N % 32 != 0 (the last column block's
 epilogue through a small buffer), a uint8 left operand (tdpbusd), per-tensor and per-channel
-Requantize folded in (in int32 lanes, and multipliers too large for them), deep K in passes over the blocks (3 passes; one of them short), batched
-matmuls with B packed per call, attention's scores with their Requantize and Softmax in the
-kernel, and an im2col convolution.
+Requantize folded in (in int32 lanes, and multipliers too large for them), deep K in passes
+over the blocks (3 passes; one of them short), batched matmuls with B packed per call,
+attention's scores with their Requantize and Softmax in the kernel, and an im2col convolution.
 """
 
 from __future__ import annotations

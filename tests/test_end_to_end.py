@@ -133,6 +133,13 @@ def test_bad_inputs_get_typed_errors(tiny):
         lib.run(np.zeros((4, 1, 9, 8), np.float32))
     with pytest.raises(InputSignatureError, match="expected 1 input"):
         lib.run(np.zeros((4, 1, 8, 8), np.float32), np.zeros(3))
+    for bad in (np.nan, np.inf, -np.inf):  # anywhere in the batch, not only the first sample
+        x = np.zeros((4, 1, 8, 8), np.float32)
+        x[3, 0, 5, 2] = bad
+        with pytest.raises(InputSignatureError, match="NaN or infinity"):
+            lib.run(x)
+    finite = np.full((4, 1, 8, 8), np.finfo(np.float32).max, np.float32)
+    assert lib.run(finite).shape[0] == 4  # the largest finite values are accepted
 
 
 def test_unsupported_op_fails_at_compile_time_naming_op_and_node():
