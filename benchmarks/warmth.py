@@ -1,9 +1,11 @@
 """Each kernel's time inside whole-model runs (the VM's instrument hook), with the machine as
 the model leaves it ("cold") against the same call after something warmed it: the main thread
 reading the dense kernels' weights ("weights") or every input of every kernel ("inputs"); one
-extra call of the kernel itself ("self"); that, then a replay of the kernel before it
-("self+prev"); a replay of the kernel before it alone ("prev"). Modes interleave per run.
-A probe of where in-model time goes, not a speed claim (no peer). Runtime only.
+extra call of the kernel itself ("self"); a replay of the kernel before it ("prev"). Modes
+interleave per run; every mode leaves the outputs unchanged. (Replaying the previous kernel
+after the extra call is not offered: the extra call may write where the memory plan reused a
+dead input of the previous kernel.) A probe of where in-model time goes, not a speed claim (no
+peer). Runtime only.
 
     taskset -c 0,1 python3 benchmarks/warmth.py MODEL.so --threads 2 --rounds 5
 """
@@ -22,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import artifact  # noqa: E402 - shared loading (inputs its signature accepts)
 
-MODES = ("cold", "weights", "inputs", "self", "self+prev", "prev")
+MODES = ("cold", "weights", "inputs", "self", "prev")
 
 
 def _read_lines(tensor, sink: list[int]) -> None:
@@ -60,11 +62,11 @@ def main() -> None:
             elif kernel and mode == "inputs":
                 for t in a[:-1]:
                     _read_lines(t, sink)
-            elif kernel and mode in ("self", "self+prev"):
+            if kernel and mode == "self":
                 func(*a)  # rewrites its own output with the same values
-            if kernel and mode in ("self+prev", "prev") and state["last"] is not None:
+            if kernel and mode == "prev" and state["last"] is not None:
                 prev_func, prev_args = state["last"]
-                prev_func(*prev_args)
+                prev_func(*prev_args)  # nothing ran since: its inputs are as it read them
             started.append(time.perf_counter())
         else:
             group = re.sub(r"\d+$", "", name).rstrip("_")

@@ -266,7 +266,7 @@ def epilogue_arrays(rqs, n: int, hi32: bool) -> list[np.ndarray]:
             continue
         np_ = round_up(n, BLOCK)
         bp, shp = np.zeros(np_, np.int32), np.ones(np_, np.int32)
-        bp[:n], shp[:n] = b, c - 32
+        bp[:n], shp[:n] = b, fp.hi32_shift(b, c) - 32
         out += [bp, shp]
     return out
 
@@ -351,7 +351,7 @@ def gemm_amx_func(
                     rb = T.arg(f"rq{i}_b", T.buffer((size,), "int32"))
                     rc = T.arg(f"rq{i}_{'sh' if hi32 else 'c'}", T.buffer((size,), "int32"))
                 elif hi32:
-                    rc = int(rc) - 32
+                    rc = int(fp.hi32_shift(rb, rc)) - 32
                 stages.append((rb, rc, lo, hi, dt))
             y = T.arg("y", T.buffer((yl.size,), out_dtype))
             rq = (stages, hi32)

@@ -90,7 +90,7 @@ def requant_hi32_lanes(x, b, sh, lo: int, hi: int, n: int):
     h = tirx.Shuffle([pe, po], [tirx.const(i // 2 * 2 + 1 + i % 2 * n, "int32") for i in range(n)])
     rnd = lanes(1 << (sh - 1)) if isinstance(sh, int) else (lanes(1) << sh) >> lanes(1)
     v = (h + rnd) >> lanes(sh)
-    return tirx.max(tirx.min(v, lanes(hi)), lanes(lo))
+    return tirx.min(tirx.max(v, lanes(lo)), lanes(hi))  # the reference's order (lo > hi: hi)
 
 
 def requantize(

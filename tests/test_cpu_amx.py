@@ -50,9 +50,10 @@ def _mult(values):
     return np.array([b for b, _ in bc], np.int32), np.array([c for _, c in bc], np.int32)
 
 
-def _dense(m, k, n, adt=np.int8, rq=None, scales=(1e-5, 2e-3)):
+def _dense(m, k, n, adt=np.int8, rq=None, scales=(1e-5, 2e-3), zero_every=0, **clip):
     """IntMatMul x[2, m, k] @ W[k, n] + bias, then Requantize when rq = "tensor" / "channel"
-    (multipliers drawn log-uniformly from `scales`)."""
+    (multipliers drawn log-uniformly from `scales`, every `zero_every`-th channel's (b, c) =
+    (0, 0), a channel of zero scale; `clip`: its clip_min / clip_max)."""
 
     def make(rng):
         lo, hi = (-128, 127) if adt == np.int8 else (0, 255)
@@ -64,11 +65,19 @@ def _dense(m, k, n, adt=np.int8, rq=None, scales=(1e-5, 2e-3)):
         if rq is not None:
             log_lo, log_hi = np.log(scales)
             consts["b"], consts["c"] = _mult(np.exp(rng.uniform(log_lo, log_hi, n)))
+            if zero_every:
+                consts["b"][::zero_every] = consts["c"][::zero_every] = 0
             if rq == "tensor":
                 consts["b"], consts["c"] = consts["b"][:1].reshape(()), consts["c"][:1].reshape(())
             nodes.append(
                 make_node(
-                    "Requantize", ["acc", "b", "c"], ["y"], "rq", to=TensorProto.INT8, axis=-1
+                    "Requantize",
+                    ["acc", "b", "c"],
+                    ["y"],
+                    "rq",
+                    to=TensorProto.INT8,
+                    axis=-1,
+                    **clip,
                 )
             )
         return nodes, {"a": _ri(rng, lo, hi, (2, m, k), adt)}, consts
@@ -152,6 +161,11 @@ CASES = {
     "deep_k": _dense(40, 1536, 64, rq="channel"),  # K in 3 passes of 8 k-steps (k_chunk_steps)
     # per-column stages in int32 lanes on a ragged last block (arrays padded to whole blocks)
     "per_channel_ragged_n": _dense(45, 64, 40, rq="channel", scales=(1e-4, 5e-2)),
+    # channels of zero scale ((b, c) = (0, 0)) among shifts >= 33: still the int32 epilogue
+    "zero_scale_channels": _dense(20, 64, 64, rq="channel", zero_every=5),
+    # clip_min > clip_max (a Clip whose min exceeds its max): every output is clip_max, as in
+    # the reference (clip to [lo, hi] in the order max then min)
+    "clip_lo_above_hi": _dense(20, 64, 64, rq="channel", clip_min=50, clip_max=10),
     # multipliers up to 4: shifts below 33, so the epilogue keeps the int64 formula
     "wide_multipliers": _dense(40, 64, 64, rq="channel", scales=(1e-6, 4.0)),
     "deep_k_ragged_u8": _dense(40, 1100, 40, adt=np.uint8),  # passes 8, 8, 2; half block; N % 32
@@ -233,8 +247,9 @@ def test_amx_epilogue_requantizes_in_int32_lanes():
     """Where every multiplier passes fixedpoint.hi32_applies the epilogue multiplies the int32
     sums in place (vpmuldq), picks the products' high halves by one shuffle (vpermt2d) and never
     widens the sums to int64 (vpmovsxdq); shifts below 33 keep the int64 formula."""
-    *_, fast = compile_case("tail_rows_per_channel")
-    assert "vpmuldq" in fast and "vpermt2d" in fast and "vpmovsxdq" not in fast
+    for case in ("tail_rows_per_channel", "zero_scale_channels"):
+        *_, fast = compile_case(case)
+        assert "vpmuldq" in fast and "vpermt2d" in fast and "vpmovsxdq" not in fast, case
     *_, wide = compile_case("wide_multipliers")
     assert "vpmovsxdq" in wide and "vpermt2d" not in wide
 

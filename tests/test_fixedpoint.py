@@ -47,11 +47,20 @@ def test_requantize_hi32_equals_requantize_dyadic():
         b = np.concatenate([edge, rng.integers(i32.min, i32.max, 40, endpoint=True)])
         x = np.concatenate([edge, rng.integers(i32.min, i32.max, 400, endpoint=True)])
         xx, bb = (a.astype(np.int64) for a in np.meshgrid(x, b))
-        # x * b == (2k + 1) 2^(c-1) exactly: the halfway cases round up, from both signs
-        half = np.array([[2**c - 1, 1], [2 ** (c - 1), 3], [-(2 ** (c - 1)), 1]], np.int64)
-        ok = np.abs(half[:, 0]) <= i32.max
-        xx = np.concatenate([xx.ravel(), half[ok, 0], -half[ok, 0]])
-        bb = np.concatenate([bb.ravel(), half[ok, 1], half[ok, 1]])
+        # x * b == (2k + 1) 2^(c-1) exactly, from int32 factors x = (2k + 1) 2^sx, b = 2^sb:
+        # the halfway cases (round up), both signs of each factor
+        sx = max(c - 31, 1)  # so that sb = c - 1 - sx <= 30
+        odd = np.array([1, 3, 5, 7, 99, 1001, 65535], np.int64) << sx
+        hx = odd[odd <= i32.max] if sx < 31 else np.array([i32.min], np.int64)
+        hb = np.int64(1) << (c - 1 - sx)
+        tie_x = np.concatenate([hx, -hx, hx, -hx])
+        tie_b = np.concatenate([np.full(hx.size * 2, hb), np.full(hx.size * 2, -hb)])
+        in32 = (tie_x >= i32.min) & (tie_x <= i32.max)
+        tie_x, tie_b = tie_x[in32], tie_b[in32]
+        assert tie_x.size and np.all((tie_x * tie_b) % (1 << (c - 1)) == 0)
+        assert np.all(((tie_x * tie_b) >> (c - 1)) % 2 == 1)  # odd multiples: exact halves
+        xx = np.concatenate([xx.ravel(), tie_x])
+        bb = np.concatenate([bb.ravel(), tie_b])
         for lo, hi in ((-128, 127), (0, 255), (i32.min, i32.max)):
             want = fp.requantize_dyadic(xx, bb, np.int64(c), lo, hi)
             got = fp.requantize_dyadic_hi32(xx, bb, c, lo, hi)
@@ -60,6 +69,13 @@ def test_requantize_hi32_equals_requantize_dyadic():
     assert not fp.hi32_applies(5, 32)  # the rounding term 2^31 reaches the low 32 bits
     assert not fp.hi32_applies(2**31, 40)  # b beyond int32
     assert not fp.hi32_applies(np.array([5, 7]), np.array([40, 63]))
+    # a zero multiplier (a channel of zero scale: quantize_multiplier(0) = (0, 0)) is 0 at any
+    # shift, so it does not send the other channels back to the int64 form
+    b0, c0 = np.array([0, 2**30 + 5]), np.array([0, 40])
+    assert fp.hi32_applies(b0, c0) and fp.hi32_shift(b0, c0).tolist() == [33, 40]
+    x0 = np.array([[i32.min], [-7], [0], [12345], [i32.max]], np.int64)
+    want = fp.requantize_dyadic(x0, b0, c0, -128, 127)
+    assert np.array_equal(fp.requantize_dyadic_hi32(x0, b0, c0, -128, 127), want)
 
 
 def test_div_round():

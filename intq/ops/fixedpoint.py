@@ -116,26 +116,36 @@ def requantize_dyadic(x: Any, b: Any, c: Any, lo: int, hi: int, xp: Any = NUMPY)
 HI32_MIN_SHIFT = 33
 
 
+def hi32_shift(b: Any, c: Any) -> np.ndarray:
+    """The shifts the high-half form uses: c, or HI32_MIN_SHIFT where b == 0 (a zero multiplier,
+    e.g. a channel of zero scale, gives round_shift(0, c) = 0 for any c)."""
+    b, c = np.broadcast_arrays(np.asarray(b, np.int64), np.asarray(c, np.int64))
+    return np.where(b == 0, HI32_MIN_SHIFT, c)
+
+
 def hi32_applies(b: Any, c: Any) -> bool:
     """Whether requantize_dyadic_hi32 equals requantize_dyadic for multiplier(s) b / 2^c (ints
-    or arrays) and every int32 x: b fits in int32 and HI32_MIN_SHIFT <= c <= MAX_SHIFT."""
-    b, c = np.asarray(b, dtype=np.int64), np.asarray(c, dtype=np.int64)
+    or arrays) and every int32 x: b fits in int32 and HI32_MIN_SHIFT <= hi32_shift(b, c) <=
+    MAX_SHIFT."""
+    b = np.asarray(b, dtype=np.int64)
+    if not b.size or not np.asarray(c).size:
+        return False
+    s = hi32_shift(b, c)
     i32 = np.iinfo(np.int32)
     return bool(
-        b.size
-        and c.size
-        and b.min() >= i32.min
+        b.min() >= i32.min
         and b.max() <= i32.max
-        and c.min() >= HI32_MIN_SHIFT
-        and c.max() <= MAX_SHIFT
+        and s.min() >= HI32_MIN_SHIFT
+        and s.max() <= MAX_SHIFT
     )
 
 
 def requantize_dyadic_hi32(x: Any, b: Any, c: Any, lo: int, hi: int) -> np.ndarray:
-    """requantize_dyadic(x, b, c, lo, hi) computed as clip((h + 2^(c-33)) >> (c - 32), lo, hi),
-    h = (x * b) >> 32, each step after the product in int32 (numpy; where hi32_applies)."""
+    """requantize_dyadic(x, b, c, lo, hi) computed as clip((h + 2^(s-33)) >> (s - 32), lo, hi),
+    h = (x * b) >> 32, s = hi32_shift(b, c), each step after the product in int32 (numpy; where
+    hi32_applies)."""
     h = ((np.asarray(x, np.int64) * np.asarray(b, np.int64)) >> 32).astype(np.int32)
-    c32 = np.asarray(c, np.int32)
+    c32 = hi32_shift(b, c).astype(np.int32)
     v = (h + (np.int32(1) << (c32 - 33))) >> (c32 - 32)
     return np.minimum(np.maximum(v, lo), hi)
 
