@@ -277,7 +277,8 @@ def to_relax(model: onnx.ModelProto, kernels: Any = None) -> tvm.IRModule:  # no
                     ) from e
                 if node.output[0] not in ctx.views and node.output[0] not in ctx.skipped:
                     ctx.env[node.output[0]] = out  # (else inside another buffer, or fused away)
-            outs = [ctx.env[o.name] for o in g.output]
+            # a graph output bound as a view inside another buffer is materialised here
+            outs = [ctx.value(o.name) for o in g.output]
             result = outs[0] if len(outs) == 1 else relax.Tuple(outs)
             gv = bb.emit_output(result)
         bb.emit_func_output(gv)

@@ -85,6 +85,28 @@ def _dense(m, k, n, adt=np.int8, rq=None, scales=(1e-5, 2e-3), zero_every=0, **c
     return make
 
 
+def _dense_two_requantizes(rng):
+    """IntMatMul -> Requantize (per column, int16) -> Requantize (per tensor, int8), the last one
+    the graph output: both fold into the GEMM's epilogue, and the output is bound as a view."""
+    m, k, n = 45, 64, 40
+    b0, c0 = _mult(np.exp(rng.uniform(np.log(1e-4), np.log(5e-3), n)))
+    b1, c1 = (v.reshape(()) for v in _mult([0.013]))
+    nodes = [
+        make_node("IntMatMul", ["a", "w", "bias"], ["acc"], "mm"),
+        make_node("Requantize", ["acc", "b0", "c0"], ["y0"], "rq0", to=TensorProto.INT16, axis=-1),
+        make_node("Requantize", ["y0", "b1", "c1"], ["y"], "rq1", to=TensorProto.INT8),
+    ]
+    consts = {
+        "w": _ri(rng, -128, 127, (k, n), np.int8),
+        "bias": _ri(rng, -(2**20), 2**20, n, np.int32),
+        "b0": b0,
+        "c0": c0,
+        "b1": b1,
+        "c1": c1,
+    }
+    return nodes, {"a": _ri(rng, -128, 127, (2, m, k), np.int8)}, consts
+
+
 def _bmm(g, m, k, n, adt=np.int8, rq=False):
     """IntMatMul a[2, g, m, k] @ b[2, g, k, n] (per-tensor Requantize folded in when rq)."""
 
@@ -170,6 +192,7 @@ CASES = {
     "wide_multipliers": _dense(40, 64, 64, rq="channel", scales=(1e-6, 4.0)),
     "deep_k_ragged_u8": _dense(40, 1100, 40, adt=np.uint8),  # passes 8, 8, 2; half block; N % 32
     "conv_im2col": _conv,
+    "two_requantizes_to_output": _dense_two_requantizes,  # the graph output is a view
     "bmm_qk": _bmm(3, 197, 64, 197, rq=True),  # attention's Q K^T (DeiT shapes)
     "bmm_pv_u8": _bmm(3, 197, 197, 64, adt=np.uint8),  # P V: K % 64 != 0, u8 x s8
     "bmm_small": _bmm(2, 5, 7, 9),  # every block past the end of A: the padded panel
