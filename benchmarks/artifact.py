@@ -3,6 +3,7 @@ with example inputs that its signature accepts, and a median timer."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -42,3 +43,9 @@ def median_ms(fn: Callable[[], object], calls: int = 15, before: Callable | None
         fn()
         samples.append(time.perf_counter() - t)
     return float(np.median(samples)) * 1e3
+
+
+def kernel_group(name: str) -> str:
+    """A kernel's name without the numeric suffix TVM gives each copy (int8_dense_amx_rq3 ->
+    int8_dense_amx_rq): the rows the kernel profiles group by."""
+    return re.sub(r"\d+$", "", str(name)).rstrip("_")

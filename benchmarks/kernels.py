@@ -70,7 +70,7 @@ def time_kernels(lib, kernels: list[dict], dev, number: int = 5, repeat: int = 3
         bufs = [tvm.runtime.tensor(np.zeros(shape, dtype), dev) for shape, dtype in k["params"]]
         ev = lib.time_evaluator(k["name"], dev, number=number, repeat=repeat)
         ms = ev(*bufs).mean * 1e3
-        group = re.sub(r"\d+$", "", k["name"]).rstrip("_")
+        group = artifact.kernel_group(k["name"])
         total[group] += ms * k["calls"]
         calls[group] += k["calls"]
     whole = sum(total.values())
@@ -107,7 +107,7 @@ def in_context(so: str, threads: int, calls: int = 10) -> None:
         if before:
             started.append(now)
         else:
-            group = re.sub(r"\d+$", "", str(symbol)).rstrip("_")
+            group = artifact.kernel_group(symbol)
             total[group] += now - started.pop()
             count[group] += 1
         return 0  # VMInstrumentReturnKind.kNoOp

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
 import sys
 import time
 
@@ -69,7 +68,7 @@ def main() -> None:
                 prev_func(*prev_args)  # nothing ran since: its inputs are as it read them
             started.append(time.perf_counter())
         else:
-            group = re.sub(r"\d+$", "", name).rstrip("_")
+            group = artifact.kernel_group(name)
             total[mode][group] += time.perf_counter() - started.pop()
             if mode == "cold":
                 count[group] += 1
