@@ -21,10 +21,11 @@ from tvm import relax, te, tirx
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
-from intq.codegen import compat, cpu_amx, cpu_lut, te_ops
+from intq.codegen import compat, cpu_amx, cpu_layernorm, cpu_lut, te_ops
 from intq.codegen.lower import View, fit_affine, index_offsets, requant_split, view_affine
 from intq.errors import LoweringError
-from intq.ops import lookup
+from intq.ops import core, lookup
+from intq.ops import fixedpoint as fp
 
 # ----------------------------------------------------------------------------------------------
 # Tensor intrinsics: acc[0:L] += sum_{k<2} a16[k] * b8[0:L, k]  ->  one vpmaddwd + vpaddd.
@@ -552,6 +553,8 @@ class CpuKernels:
         self.fuse_add_layernorm = True
         # attention's Q K^T, its Requantize and the IntSoftmax as one AMX kernel
         self.fuse_softmax = True
+        # LayerNorm (+ its residual add and Requantize) as cpu_layernorm's two-pass row kernel
+        self.rows_layernorm = True
         # LayerNorm's element loop in 32-bit lanes (te_ops.int_layernorm(narrow=True), same
         # values): on the AVX-512 Xeon 54 -> 51 us per DeiT-Small LayerNorm; slower on AVX2
         self.narrow_layernorm = tvm.target.codegen.target_has_features("avx512f", target)
@@ -713,6 +716,53 @@ class CpuKernels:
             softmax=softmax,
             **layouts,
         )
+
+    def layernorm_rows(self, ctx, node, x_args, row_add, keep_sum: bool, rq, name: str):
+        """IntLayerNorm `node` (with the IntAdd `row_add` computing its input from `x_args`, else
+        reading x_args[0]; `rq` = its folded Requantize or None) as cpu_layernorm's row kernel:
+        (the sum or None, the output), or None where that kernel does not apply."""
+        if not self.rows_layernorm:
+            return None
+        attrs = lookup(node).attrs_of(node)
+        shape = tuple(ctx.shapes[node.output[0]])
+        n, rows = int(shape[-1]), int(np.prod(shape[:-1]))
+        x_dtypes = [str(x.ty.dtype) for x in x_args]
+        sum_dtype = row_add.dtype if row_add is not None else x_dtypes[0]
+        same_shape = all(tuple(int(d) for d in x.ty.shape) == shape for x in x_args)
+        params = [ctx.consts.get(i) for i in node.input[1:3]]
+        if (
+            not same_shape
+            or any(p is None or p.dtype != np.int32 or p.shape != (n,) for p in params)
+            or not cpu_layernorm.applies(n, x_dtypes, row_add, sum_dtype)
+        ):
+            return None
+        eps, frac = int(attrs["epsilon"]), int(attrs["frac_bits"])
+        in_bits = 8 * (tvm.DataType(sum_dtype).bits // 8)
+        if fp.row_div_bits(in_bits + frac, core.LN_STD_BITS) is None:
+            return None
+        affine = core.layernorm_affine_fits_int32(*params, n, eps, frac, in_bits)
+        rq_args, krq, hi32 = [], rq, False
+        if rq is not None:
+            hi32 = fp.hi32_applies(rq[0], rq[1])
+            if isinstance(rq[0], np.ndarray):  # per channel: the arrays are parameters
+                rq_args = [relax.const(a) for a in cpu_layernorm.rq_arrays(rq, n, hi32)]
+                krq = (None, None, *rq[2:])
+        keep = row_add is not None and keep_sum
+        func = cpu_layernorm.layernorm_rows_func(
+            rows, n, x_dtypes, sum_dtype, eps=eps, frac_bits=frac, add=row_add, keep_sum=keep,
+            affine_i32=affine, rq=krq, rq_hi32=hi32, name=name,
+        )  # fmt: skip
+        y_dtype = rq[4] if rq is not None else "int32"
+        size = rows * n
+        outs = [relax.TensorType((size,), sum_dtype)] if keep else []
+        outs.append(relax.TensorType((size,), y_dtype))
+        args = [_flat(ctx, x) for x in x_args]
+        args += [ctx.value(i) for i in node.input[1:3]] + rq_args
+        gv = ctx.bb.add_func(func, name)
+        call = ctx.bb.emit(relax.call_tir(gv, relax.Tuple(args), outs if keep else outs[0]))
+        flat = [ctx.bb.emit(relax.TupleGetItem(call, i)) for i in (0, 1)] if keep else [call]
+        shaped = [ctx.bb.emit(relax.op.reshape(v, shape)) for v in flat]
+        return (shaped[0], shaped[1]) if keep else (None, shaped[0])
 
     def byte_table(
         self, ctx, x: str, table: np.ndarray, shape: tuple[int, ...]

@@ -594,6 +594,7 @@ def _int_add(ctx: LowerCtx, node, attrs):
             rqs.append(None)
     ln = _layernorm_reader(ctx, node)
     if ln is not None:  # the residual add and the LayerNorm that reads it: one row pass
+        row_add = te_ops.RowAdd(tuple(rqs), dt, lo, hi)
 
         def add(a, b):  # "_row": computed per row inside the LayerNorm's row loop
             return te_ops.int_add(a, b, shape, dt, lo, hi, rqs[0], rqs[1], name="int_add_row")
@@ -602,7 +603,7 @@ def _int_add(ctx: LowerCtx, node, attrs):
         keep = out in ctx.graph_outputs or len(ctx.consumers.get(out, [])) > 1
         if not keep:  # the LayerNorm is its only reader (post-LN): the sum is never stored
             ctx.skipped.add(out)
-        return _emit_layernorm(ctx, ln, lookup(ln).attrs_of(ln), args, add, keep)
+        return _emit_layernorm(ctx, ln, lookup(ln).attrs_of(ln), args, add, keep, row_add)
     return ctx.emit_te(
         lambda a, b: te_ops.int_add(a, b, shape, dt, lo, hi, rqs[0], rqs[1]),
         *args,
@@ -631,13 +632,14 @@ def _int_layernorm(ctx: LowerCtx, node, attrs):
 
 
 def _emit_layernorm(
-    ctx: LowerCtx, node, attrs, x_args: list, add=None, keep_sum: bool = True
+    ctx: LowerCtx, node, attrs, x_args: list, add=None, keep_sum: bool = True, row_add=None
 ) -> relax.Expr:
     """One LayerNorm kernel; a following Requantize that alone reads the output runs in its
     last stage. `add` (te.Tensors of `x_args` -> te.Tensor): the LayerNorm's input computed in
-    the same kernel (fused IntAdd), row by row; with `keep_sum` the kernel has two outputs,
-    the sum (returned: the IntAdd's value) and the LayerNorm (bound to `node`'s output), else
-    the LayerNorm alone (returned and bound)."""
+    the same kernel (fused IntAdd), row by row, `row_add` (te_ops.RowAdd) the same add as data
+    for a kernel library's own row kernel (`layernorm_rows`, tried first); with `keep_sum` the
+    kernel has two outputs, the sum (returned: the IntAdd's value) and the LayerNorm (bound to
+    `node`'s output), else the LayerNorm alone (returned and bound)."""
     kw = dict(eps=int(attrs["epsilon"]), frac_bits=int(attrs["frac_bits"]))
     kw["narrow"] = bool(getattr(ctx.kernels, "narrow_layernorm", False))
     shape = ctx.shapes[node.output[0]]
@@ -654,16 +656,20 @@ def _emit_layernorm(
 
     name = ("int_add_" if add is not None else "") + "int_layernorm" + ("_rq" if rq else "")
     gamma, beta = (ctx.value(i) for i in node.input[1:3])
-    out = ctx.emit_te(kernel, *x_args, gamma, beta, *rq_args, name=name)
-    result = out
-    if add is not None and keep_sum:
-        result = ctx.bb.emit(relax.TupleGetItem(out, 0))
-        out = ctx.bb.emit(relax.TupleGetItem(out, 1))
+    pair = None  # (the sum or None, the LayerNorm's output)
+    if hasattr(ctx.kernels, "layernorm_rows") and (add is None or row_add is not None):
+        pair = ctx.kernels.layernorm_rows(ctx, node, x_args, row_add, keep_sum, rq, name)
+    if pair is None:
+        out = ctx.emit_te(kernel, *x_args, gamma, beta, *rq_args, name=name)
+        pair = (None, out)
+        if add is not None and keep_sum:
+            pair = tuple(ctx.bb.emit(relax.TupleGetItem(out, i)) for i in (0, 1))
+    total, out = pair
     if add is not None:
         ctx.env[node.output[0]] = out
     if rq is not None:
         ctx.bind_folded(rq_node, out)
-    return result
+    return total if total is not None else out
 
 
 @lowering("IntSoftmax")

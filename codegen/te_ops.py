@@ -5,6 +5,7 @@ share one formula. Every intermediate is int64, exactly as in the reference."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import tvm
 from tvm import te, tirx
@@ -149,6 +150,18 @@ def int_add(
     )
 
 
+@dataclass(frozen=True)
+class RowAdd:
+    """A residual IntAdd fused into the LayerNorm reading it (`int_add` computes it in the TE
+    kernel; a kernel library's row kernel reads these): per operand an optional per-tensor
+    Requantize (b, c, lo, hi, dtype) applied first, the sum saturated to [lo, hi] in `dtype`."""
+
+    rqs: tuple
+    dtype: str
+    lo: int
+    hi: int
+
+
 def int_add_expr(x, y, lo: int, hi: int, dtype: str, rq_a=None, rq_b=None):
     """IntAdd of two int expressions: saturate(x' + y') to [lo, hi] in int64, x' = Requantize(x)
     when `rq_a` = (b, c, lo, hi, dtype) is given (per-tensor), likewise y'."""
@@ -264,7 +277,9 @@ def int_layernorm(
     return te.compute(x.shape, out, name="int_layernorm")
 
 
-def _layernorm_normalise_i32(x, mean, std, gamma, beta, frac_bits: int, magic):
+def _layernorm_normalise_i32(
+    x, mean, std, gamma, beta, frac_bits: int, magic, affine_i32: bool = False
+):
     """core.layernorm_normalise with its per-row magic division, evaluated where it fits in
     32-bit lanes (the same values: every narrowing below is exact by its bound). With the magic
     path taken (fixedpoint.row_div_bits(in_bits + frac_bits, LN_STD_BITS) = N <= 30):
@@ -272,13 +287,17 @@ def _layernorm_normalise_i32(x, mean, std, gamma, beta, frac_bits: int, magic):
       u = n ^ (n >> 31) in [0, 2^30), m < 2^32: u * m is one 32 x 32 -> 64-bit unsigned multiply,
       (u * m) >> s = floor(u / 2 std) < 2^30: int32, ^ sign restores floor(n / 2 std);
       q * gamma + beta: a 32 x 32 -> 64-bit signed multiply plus a widened add (int64 result,
-      saturated to int32 by the caller). A GPU runs each 64-bit op of the int64 form as several
-      32-bit instructions; this element loop is what bounds LayerNorm there."""
+      saturated to int32 by the caller); with `affine_i32` (the caller proved it fits:
+      core.layernorm_affine_fits_int32) an int32 multiply-add, the result int32. A GPU runs
+      each 64-bit op of the int64 form as several 32-bit instructions; this element loop is
+      what bounds LayerNorm there."""
     m, s = magic
     n = ((x.astype("int32") - mean.astype("int32")) << (frac_bits + 1)) + std.astype("int32")
     sign = n >> 31
     u = (n ^ sign).astype("uint32").astype("uint64")
     q = ((u * m.astype("uint32").astype("uint64")) >> s.astype("uint64")).astype("int32") ^ sign
+    if affine_i32:
+        return q * gamma.astype("int32") + beta.astype("int32")
     return q.astype("int64") * _i64(gamma) + _i64(beta)
 
 

@@ -7,6 +7,8 @@ the output dtype's range exactly as written; no op wraps around.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -315,6 +317,42 @@ def layernorm_normalise(
     xc = x - mean
     y = fp.div_round_by_row(xc << frac_bits, std, in_bits + frac_bits, LN_STD_BITS, xp, magic)
     return y * gamma + beta
+
+
+@functools.lru_cache(maxsize=64)
+def layernorm_q_bound(n: int, eps: int, frac_bits: int, in_bits: int) -> int | None:
+    """An upper bound Q on |q|, q = div_round((x - mean) << frac_bits, std), over every row of n
+    values with |x - mean| < 2^in_bits (layernorm_row_stats' mean and std); None outside the
+    domain it is proved on (4^in_bits + eps < 2^ISQRT_DOMAIN_BITS, where std = max(floor(
+    sqrt(var)), 1) exactly). Then q * gamma + beta fits in int32 wherever Q |gamma| + |beta| <
+    2^31 (a lowering's int32 path: the saturation to int32 never acts).
+
+    Proof: with d_i = x_i - mean and s2 = sum d_i^2, every |d_i| <= sqrt(s2), and var >=
+    div_round(s2, n) + eps >= (2 s2 - n + 1) / (2n) + eps, so s2 < n (var + 1 - eps). For std = k
+    (var in [k^2, (k+1)^2 - 1], k >= isqrt(max(eps, 1))): s2 < n ((k+1)^2 - eps) = S_k and
+    |q| <= floor(|d| 2^f / k + 1/2) <= floor((isqrt(S_k 4^f) + 1) / k) + 1. Q is the largest of
+    these over the k the domain allows (k <= isqrt(4^in_bits + eps))."""
+    if in_bits > 16 or eps < 0 or (1 << (2 * in_bits)) + eps >= (1 << fp.ISQRT_DOMAIN_BITS):
+        return None
+    k_lo = max(math.isqrt(max(eps, 1)), 1)
+    k_hi = math.isqrt((1 << (2 * in_bits)) + eps)
+    scale = 1 << (2 * frac_bits)
+    best = 0
+    for k in range(k_lo, k_hi + 1):
+        s_k = n * ((k + 1) ** 2 - eps)
+        best = max(best, (math.isqrt(s_k * scale) + 1) // k + 1)
+    return best
+
+
+def layernorm_affine_fits_int32(gamma, beta, n: int, eps: int, frac_bits: int, in_bits: int):
+    """Whether q * gamma + beta fits in int32 for every q a row can give (layernorm_q_bound) and
+    every channel of the constant `gamma`, `beta`."""
+    q = layernorm_q_bound(n, eps, frac_bits, in_bits)
+    if q is None:
+        return False
+    g = np.abs(np.asarray(gamma, np.int64))
+    b = np.abs(np.asarray(beta, np.int64))
+    return bool((q * g + b).max(initial=0) < (1 << 31))
 
 
 def layernorm_core(

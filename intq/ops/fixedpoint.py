@@ -150,6 +150,36 @@ def requantize_dyadic_hi32(x: Any, b: Any, c: Any, lo: int, hi: int) -> np.ndarr
     return np.minimum(np.maximum(v, lo), hi)
 
 
+# The same requantization in int32 arithmetic for a narrow x (|x| <= 2^15: int8 / int16) and a
+# per-tensor 0 <= b < 2^31, SPLIT16_MIN_SHIFT <= c <= SPLIT16_MAX_SHIFT (a lowering's fast path for
+# residual adds). With b = bh 2^16 + bl (0 <= bl < 2^16) and c - 1 >= 16, x * b + 2^(c-1) =
+# (x bh + 2^(c-17)) 2^16 + x bl, and floor(floor(N / 2^16) / 2^(c-16)) = floor(N / 2^c), so
+# round_shift(x * b, c) = (x bh + 2^(c-17) + ((x bl) >> 16)) >> (c - 16). Bounds: |x bl| <=
+# 2^15 (2^16 - 1) < 2^31, |x bh| < 2^30, 2^(c-17) <= 2^29: every step fits in int32.
+SPLIT16_MIN_SHIFT, SPLIT16_MAX_SHIFT = 17, 46
+SPLIT16_MAX_ABS_X = 1 << 15
+
+
+def split16_applies(b: Any, c: Any) -> bool:
+    """Whether requantize_dyadic_split16 equals requantize_dyadic for the per-tensor multiplier
+    b / 2^c (python ints) and every |x| <= SPLIT16_MAX_ABS_X."""
+    return (
+        isinstance(b, int | np.integer)
+        and isinstance(c, int | np.integer)
+        and 0 <= int(b) < (1 << 31)
+        and SPLIT16_MIN_SHIFT <= int(c) <= SPLIT16_MAX_SHIFT
+    )
+
+
+def requantize_dyadic_split16(x: Any, b: int, c: int, lo: int, hi: int, xp: Any = NUMPY) -> Any:
+    """requantize_dyadic(x, b, c, lo, hi) as clip((x bh + 2^(c-17) + ((x bl) >> 16)) >> (c - 16),
+    lo, hi) with bh = b >> 16, bl = b & 0xFFFF: every intermediate fits in int32 (where
+    split16_applies and |x| <= 2^15; `x` int32 in a lowering, any integer type in numpy)."""
+    bh, bl = int(b) >> 16, int(b) & 0xFFFF
+    y = (x * bh + (1 << (int(c) - 17)) + ((x * bl) >> 16)) >> (int(c) - 16)
+    return xp.minimum(xp.maximum(y, lo), hi)
+
+
 # IEEE-754 binary32 fields: value = (-1)^s * m * 2^(max(e, 1) - F32_BIAS), m = f + 2^23 [e > 0].
 F32_MANT_BITS = 23
 F32_BIAS = 150  # 127 + 23: the exponent of the integer mantissa m
