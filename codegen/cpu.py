@@ -743,7 +743,7 @@ class CpuKernels:
         affine = core.layernorm_affine_fits_int32(*params, n, eps, frac, in_bits)
         rq_args, krq, hi32 = [], rq, False
         if rq is not None:
-            hi32 = fp.hi32_applies(rq[0], rq[1])
+            hi32 = cpu_layernorm.hi32_ok(rq)
             if isinstance(rq[0], np.ndarray):  # per channel: the arrays are parameters
                 rq_args = [relax.const(a) for a in cpu_layernorm.rq_arrays(rq, n, hi32)]
                 krq = (None, None, *rq[2:])

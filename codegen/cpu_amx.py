@@ -247,8 +247,12 @@ class Layout:
 
 def epilogue_in_int32(rqs, enabled: bool = True) -> bool:
     """Whether a kernel's epilogue requantizes in int32 lanes (te_ops.requant_hi32_lanes): every
-    stage's multipliers pass fixedpoint.hi32_applies."""
-    return enabled and bool(rqs) and all(fp.hi32_applies(r[0], r[1]) for r in rqs)
+    stage's multipliers pass fixedpoint.hi32_applies and its clip bounds te_ops.hi32_clip_ok."""
+    return (
+        enabled
+        and bool(rqs)
+        and all(fp.hi32_applies(r[0], r[1]) and te_ops.hi32_clip_ok(r[2], r[3]) for r in rqs)
+    )
 
 
 def epilogue_arrays(rqs, n: int, hi32: bool) -> list[np.ndarray]:

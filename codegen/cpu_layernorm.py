@@ -39,24 +39,31 @@ from intq.ops import core
 from intq.ops import fixedpoint as fp
 
 VEC = 16  # int32 lanes per vector
-MAX_BITS = 16  # element width the kernel handles (s * s and the row sum fit int32 lanes)
+MAX_BITS = 16  # element width the kernel handles: |s| <= 2^15, so s * s <= 2^30 fits int32
+MAX_ROW = 1 << 20  # a lane's share of the row sum, n / 16 values of |s| <= 2^15, fits int32
 
 
 def _bits(dtype: str) -> int:
     return tvm.DataType(dtype).bits
 
 
-def _operand_fits(dtype: str, rq) -> bool:
-    """An add operand whose value (after its Requantize) lies within 16 bits."""
-    if rq is None:
-        return _bits(dtype) <= MAX_BITS
-    lo, hi = int(rq[2]), int(rq[3])
+def _within16(lo: int, hi: int) -> bool:
     return -(1 << 15) <= lo and hi < (1 << 15)
+
+
+def _operand_fits(dtype: str, rq) -> bool:
+    """An add operand whose value (after its Requantize) lies within [-2^15, 2^15): its dtype's
+    range, or its Requantize's: the output dtype's range, or both clip bounds inside (a clip
+    with lo > hi gives hi)."""
+    if rq is None:
+        return _within16(*fp.dtype_bounds(dtype))
+    lo, hi, out = int(rq[2]), int(rq[3]), rq[4]
+    return _within16(*fp.dtype_bounds(out)) or _within16(min(lo, hi), max(lo, hi))
 
 
 def applies(n: int, x_dtypes: list[str], add: RowAdd | None, sum_dtype: str) -> bool:
     """Whether `layernorm_rows_func` handles this LayerNorm (else the TE kernel)."""
-    if n % VEC or _bits(sum_dtype) > MAX_BITS or "int" not in sum_dtype or n >= (1 << 15):
+    if n % VEC or n >= MAX_ROW or not _within16(*fp.dtype_bounds(sum_dtype)):
         return False
     if add is None:
         return len(x_dtypes) == 1
@@ -67,13 +74,21 @@ def applies(n: int, x_dtypes: list[str], add: RowAdd | None, sum_dtype: str) -> 
 
 def _operand(v, dtype: str, rq):
     """One add operand (of `dtype`) as int32: its Requantize in int32 arithmetic where split16
-    applies (an int8 / int16 operand: |v| <= 2^15), else in int64."""
+    applies (an int8 / int16 operand: |v| <= 2^15) and the clip is an int32 range inside the
+    Requantize's dtype (so the reference's cast to that dtype changes nothing), else the
+    reference's int64 form and cast (te_ops.requant_expr)."""
     if rq is None:
         return v.astype("int32")
-    b, c, lo, hi, _ = rq
-    if _bits(dtype) <= MAX_BITS and fp.split16_applies(b, c):
+    b, c, lo, hi, out = rq
+    out_lo, out_hi = fp.dtype_bounds(out)
+    if (
+        _within16(*fp.dtype_bounds(dtype))
+        and fp.split16_applies(b, c)
+        and te_ops.hi32_clip_ok(lo, hi)
+        and out_lo <= lo <= hi <= out_hi
+    ):
         return fp.requantize_dyadic_split16(v.astype("int32"), int(b), int(c), lo, hi, te_ops.TE)
-    return te_ops.requant_expr(v, b, c, lo, hi, "int32")
+    return te_ops.requant_expr(v, b, c, lo, hi, out).astype("int32")
 
 
 def layernorm_rows_func(
@@ -96,8 +111,8 @@ def layernorm_rows_func(
     and `keep_sum`) the IntAdd's output, y the LayerNorm's (int32), or its Requantize's when
     `rq` = (b, c, lo, hi, dtype) is given: b, c python ints (per tensor) or None (per channel:
     the int32 arrays rq_b, rq_c are parameters (`rq_arrays`); with `rq_hi32` rq_c holds
-    c - 32). `rq_hi32`: fixedpoint.hi32_applies to the Requantize. `affine_i32`: the caller
-    proved q * gamma + beta fits in int32 (core.layernorm_affine_fits_int32)."""
+    hi32_shift(b, c) - 32). `rq_hi32`: the high-half form applies (`hi32_ok`). `affine_i32`:
+    the caller proved q * gamma + beta fits in int32 (core.layernorm_affine_fits_int32)."""
     in_bits = 8 * (_bits(sum_dtype) // 8)
     a_bits = in_bits + frac_bits
     if fp.row_div_bits(a_bits, core.LN_STD_BITS) is None:
@@ -122,7 +137,8 @@ def layernorm_rows_func(
                     row, at = T.alloc_buffer((n,), sum_dtype, align=64), 0
                 acc1 = T.alloc_buffer((VEC,), "int32", align=64)
                 acc2 = T.alloc_buffer((VEC,), "int64", align=64)
-                st = T.alloc_buffer((6,), "int64")  # mean, std, magic m, magic s, root, prev
+                # mean, var (then std), magic m, magic s, Newton's root and previous root
+                st = T.alloc_buffer((6,), "int64")
                 vbuf = T.alloc_buffer((VEC,), "int32", align=64)
                 with T.vectorized(0, VEC) as j:
                     T.buffer_store(acc1, tirx.const(0, "int32"), [j])
@@ -185,19 +201,15 @@ def _normalise(
 ) -> None:
     """y[y_at + j0 : +16] from src[src_at + j0 : +16] and the row's statistics (`vbuf`: 16
     int32 of scratch)."""
-    lo32, hi32_ = fp.dtype_bounds("int32")
+    i32_lo, i32_hi = fp.dtype_bounds("int32")
     with T.vectorized(0, VEC) as j:
         c = j0 + j
-        g, b = gamma[c], beta[c]
-        if affine_i32:
-            v = te_ops._layernorm_normalise_i32(
-                src[src_at + c], st[0], st[1], g, b, frac_bits, (st[2], st[3]), affine_i32=True
-            )
-        else:
-            v = te_ops._layernorm_normalise_i32(
-                src[src_at + c], st[0], st[1], g, b, frac_bits, (st[2], st[3])
-            )
-            v = tirx.min(tirx.max(v, lo32), hi32_).astype("int32")
+        v = te_ops._layernorm_normalise_i32(
+            src[src_at + c], st[0], st[1], gamma[c], beta[c], frac_bits, (st[2], st[3]),
+            affine_i32=affine_i32,
+        )  # fmt: skip
+        if not affine_i32:  # int64: the reference's saturation to int32
+            v = tirx.min(tirx.max(v, i32_lo), i32_hi).astype("int32")
         if rq is None:
             T.buffer_store(y, v, [y_at + c])
         elif not hi32:
@@ -215,8 +227,15 @@ def _normalise(
         T.buffer_store(y, v.astype(f"{rq[4]}x{VEC}"), [tirx.Ramp(y_at + j0, 1, VEC)])
 
 
+def hi32_ok(rq) -> bool:
+    """Whether the output Requantize (b, c, lo, hi, dtype) runs in the high-half form
+    (te_ops.requant_hi32_lanes)."""
+    return fp.hi32_applies(rq[0], rq[1]) and te_ops.hi32_clip_ok(rq[2], rq[3])
+
+
 def rq_arrays(rq, n: int, hi32: bool) -> list[np.ndarray]:
-    """The per-channel Requantize's (b, c) parameters (c - 32 with `hi32`), int32 [n]."""
+    """The per-channel Requantize's (b, c) parameters, int32 [n]; with `hi32` (b,
+    hi32_shift(b, c) - 32)."""
     b = np.broadcast_to(np.asarray(rq[0], np.int64), (n,))
     c = np.broadcast_to(np.asarray(rq[1], np.int64), (n,))
     if hi32:

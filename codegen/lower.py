@@ -594,16 +594,16 @@ def _int_add(ctx: LowerCtx, node, attrs):
             rqs.append(None)
     ln = _layernorm_reader(ctx, node)
     if ln is not None:  # the residual add and the LayerNorm that reads it: one row pass
-        row_add = te_ops.RowAdd(tuple(rqs), dt, lo, hi)
+        ra = te_ops.RowAdd(tuple(rqs), dt, lo, hi)  # the add as data (a library's row kernel)
 
         def add(a, b):  # "_row": computed per row inside the LayerNorm's row loop
-            return te_ops.int_add(a, b, shape, dt, lo, hi, rqs[0], rqs[1], name="int_add_row")
+            return te_ops.int_add(a, b, shape, ra.dtype, ra.lo, ra.hi, *ra.rqs, name="int_add_row")
 
         out = node.output[0]
         keep = out in ctx.graph_outputs or len(ctx.consumers.get(out, [])) > 1
         if not keep:  # the LayerNorm is its only reader (post-LN): the sum is never stored
             ctx.skipped.add(out)
-        return _emit_layernorm(ctx, ln, lookup(ln).attrs_of(ln), args, add, keep, row_add)
+        return _emit_layernorm(ctx, ln, lookup(ln).attrs_of(ln), args, add, keep, ra)
     return ctx.emit_te(
         lambda a, b: te_ops.int_add(a, b, shape, dt, lo, hi, rqs[0], rqs[1]),
         *args,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import te, tirx
 
@@ -61,16 +62,27 @@ def requant_expr(v, b, c, lo: int, hi: int, dtype: str, ch=None):
     def at(t):  # ch: one channel index, or a full index tuple (a broadcast multiplier)
         return t(*ch) if isinstance(t, te.Tensor) and isinstance(ch, tuple) else t[ch]
 
+    if int(lo) > int(hi):  # clip(v, lo, hi) = hi for every v; its cast folded here (TVM cannot
+        return tirx.const(int(np.array(hi).astype(dtype)), dtype)  # fold an out-of-range cast)
     bb = _i64(at(b)) if isinstance(b, indexed) else tirx.const(int(b), "int64")
     cc = _i64(at(c)) if isinstance(c, indexed) else tirx.const(int(c), "int64")
     return fp.requantize_dyadic(_i64(v), bb, cc, lo, hi, TE).astype(dtype)
 
 
+def hi32_clip_ok(lo: int, hi: int) -> bool:
+    """Whether requant_hi32_lanes can apply a clip to [lo, hi]: it clamps in int32 lanes, so
+    both bounds must be int32 values (a Requantize's clip_min may lie above its dtype), and
+    lo <= hi (else the result is the constant hi, which requant_expr folds)."""
+    i32_lo, i32_hi = fp.dtype_bounds("int32")
+    return i32_lo <= int(lo) <= int(hi) <= i32_hi
+
+
 def requant_hi32_lanes(x, b, sh, lo: int, hi: int, n: int):
     """fixedpoint.requantize_dyadic_hi32 on an int32 vector `x` of n lanes (n even; TIR), the
     result int32 (clamped to [lo, hi]); `b` and `sh` = c - 32: python ints or int32 vectors of n
-    lanes, where fixedpoint.hi32_applies(b, c). A vector `sh` must be a load, not an expression
-    c - 32: TVM 0.27 bounds an int32 x >> (c - k) as [-1, 0] and then drops the clamp.
+    lanes, where fixedpoint.hi32_applies(b, c) and hi32_clip_ok(lo, hi). A vector `sh` must be
+    a load, not an expression c - 32: TVM 0.27 bounds an int32 x >> (c - k) as [-1, 0] and
+    then drops the clamp.
     The products are int64 lanes whose operands are int32 sign-extended in place (x86: vpmuldq
     of the even int32 lanes, then of the odd ones shifted down), their high halves picked by one
     two-source shuffle (vpermt2d); every step after that is in int32 lanes, where the int64

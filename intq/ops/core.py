@@ -348,7 +348,7 @@ def layernorm_affine_fits_int32(gamma, beta, n: int, eps: int, frac_bits: int, i
     """Whether q * gamma + beta fits in int32 for every q a row can give (layernorm_q_bound) and
     every channel of the constant `gamma`, `beta`."""
     q = layernorm_q_bound(n, eps, frac_bits, in_bits)
-    if q is None:
+    if q is None or q >= (1 << 31):  # (then q * |gamma| < 2^62: int64 below is exact)
         return False
     g = np.abs(np.asarray(gamma, np.int64))
     b = np.abs(np.asarray(beta, np.int64))

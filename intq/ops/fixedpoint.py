@@ -155,7 +155,8 @@ def requantize_dyadic_hi32(x: Any, b: Any, c: Any, lo: int, hi: int) -> np.ndarr
 # residual adds). With b = bh 2^16 + bl (0 <= bl < 2^16) and c - 1 >= 16, x * b + 2^(c-1) =
 # (x bh + 2^(c-17)) 2^16 + x bl, and floor(floor(N / 2^16) / 2^(c-16)) = floor(N / 2^c), so
 # round_shift(x * b, c) = (x bh + 2^(c-17) + ((x bl) >> 16)) >> (c - 16). Bounds: |x bl| <=
-# 2^15 (2^16 - 1) < 2^31, |x bh| < 2^30, 2^(c-17) <= 2^29: every step fits in int32.
+# 2^15 (2^16 - 1) < 2^31, |x bh| < 2^30, 2^(c-17) <= 2^29, |(x bl) >> 16| <= 2^15, so the sum
+# is below 2^30 + 2^29 + 2^15 < 2^31: every step fits in int32.
 SPLIT16_MIN_SHIFT, SPLIT16_MAX_SHIFT = 17, 46
 SPLIT16_MAX_ABS_X = 1 << 15
 
