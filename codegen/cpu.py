@@ -25,7 +25,6 @@ from intq.codegen import compat, cpu_amx, cpu_layernorm, cpu_lut, te_ops
 from intq.codegen.lower import View, fit_affine, index_offsets, requant_split, view_affine
 from intq.errors import LoweringError
 from intq.ops import core, lookup
-from intq.ops import fixedpoint as fp
 
 # ----------------------------------------------------------------------------------------------
 # Tensor intrinsics: acc[0:L] += sum_{k<2} a16[k] * b8[0:L, k]  ->  one vpmaddwd + vpaddd.
@@ -726,6 +725,7 @@ class CpuKernels:
         attrs = lookup(node).attrs_of(node)
         shape = tuple(ctx.shapes[node.output[0]])
         n, rows = int(shape[-1]), int(np.prod(shape[:-1]))
+        eps, frac = int(attrs["epsilon"]), int(attrs["frac_bits"])
         x_dtypes = [str(x.ty.dtype) for x in x_args]
         sum_dtype = row_add.dtype if row_add is not None else x_dtypes[0]
         same_shape = all(tuple(int(d) for d in x.ty.shape) == shape for x in x_args)
@@ -733,33 +733,21 @@ class CpuKernels:
         if (
             not same_shape
             or any(p is None or p.dtype != np.int32 or p.shape != (n,) for p in params)
-            or not cpu_layernorm.applies(n, x_dtypes, row_add, sum_dtype)
+            or not cpu_layernorm.applies(n, x_dtypes, row_add, sum_dtype, frac)
         ):
             return None
-        eps, frac = int(attrs["epsilon"]), int(attrs["frac_bits"])
-        in_bits = 8 * (tvm.DataType(sum_dtype).bits // 8)
-        if fp.row_div_bits(in_bits + frac, core.LN_STD_BITS) is None:
-            return None
+        in_bits = te_ops.layernorm_in_bits(sum_dtype)
         affine = core.layernorm_affine_fits_int32(*params, n, eps, frac, in_bits)
-        rq_args, krq, hi32 = [], rq, False
-        if rq is not None:
-            hi32 = cpu_layernorm.hi32_ok(rq)
-            if isinstance(rq[0], np.ndarray):  # per channel: the arrays are parameters
-                rq_args = [relax.const(a) for a in cpu_layernorm.rq_arrays(rq, n, hi32)]
-                krq = (None, None, *rq[2:])
         keep = row_add is not None and keep_sum
         func = cpu_layernorm.layernorm_rows_func(
             rows, n, x_dtypes, sum_dtype, eps=eps, frac_bits=frac, add=row_add, keep_sum=keep,
-            affine_i32=affine, rq=krq, rq_hi32=hi32, name=name,
+            affine_i32=affine, rq=rq, name=name,
         )  # fmt: skip
+        args = [_flat(ctx, x) for x in x_args] + [ctx.value(i) for i in node.input[1:3]]
+        args += [relax.const(a) for a in cpu_layernorm.rq_arrays(rq, n)] if rq is not None else []
         y_dtype = rq[4] if rq is not None else "int32"
-        size = rows * n
-        outs = [relax.TensorType((size,), sum_dtype)] if keep else []
-        outs.append(relax.TensorType((size,), y_dtype))
-        args = [_flat(ctx, x) for x in x_args]
-        args += [ctx.value(i) for i in node.input[1:3]] + rq_args
-        gv = ctx.bb.add_func(func, name)
-        call = ctx.bb.emit(relax.call_tir(gv, relax.Tuple(args), outs if keep else outs[0]))
+        dtypes = [sum_dtype, y_dtype] if keep else y_dtype
+        call = _call_flat(ctx, func, name, args, rows * n, dtypes)
         flat = [ctx.bb.emit(relax.TupleGetItem(call, i)) for i in (0, 1)] if keep else [call]
         shaped = [ctx.bb.emit(relax.op.reshape(v, shape)) for v in flat]
         return (shaped[0], shaped[1]) if keep else (None, shaped[0])
@@ -950,10 +938,15 @@ def _flat(ctx, x: relax.Expr) -> relax.Expr:
     return ctx.bb.emit(relax.op.reshape(x, (int(np.prod([int(d) for d in x.ty.shape])),)))
 
 
-def _call_flat(ctx, func: tirx.PrimFunc, name: str, args: list, size: int, dtype: str):
-    """Add a hand-built kernel (AMX GEMM, byte table) and call it: a 1-D `dtype` output."""
+def _call_flat(ctx, func: tirx.PrimFunc, name: str, args: list, size: int, dtype):
+    """Add a hand-built kernel (AMX GEMM, byte table, LayerNorm rows) and call it: a 1-D
+    `dtype` output, or a tuple of them for a list of dtypes."""
     gv = ctx.bb.add_func(func, name)
-    out = relax.TensorType((size,), dtype)
+    out = (
+        relax.TensorType((size,), dtype)
+        if isinstance(dtype, str)
+        else [relax.TensorType((size,), d) for d in dtype]
+    )
     return ctx.bb.emit(relax.call_tir(gv, relax.Tuple(args), out))
 
 

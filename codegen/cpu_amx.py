@@ -52,7 +52,6 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
 
 from intq.codegen import te_ops
-from intq.ops import fixedpoint as fp
 
 TILE_ROWS = 16
 TILE_BYTES = 64  # bytes per tile row: 64 int8 along K, or 16 int32 along N
@@ -246,32 +245,19 @@ class Layout:
 
 
 def epilogue_in_int32(rqs, enabled: bool = True) -> bool:
-    """Whether a kernel's epilogue requantizes in int32 lanes (te_ops.requant_hi32_lanes): every
-    stage's multipliers pass fixedpoint.hi32_applies and its clip bounds te_ops.hi32_clip_ok."""
-    return (
-        enabled
-        and bool(rqs)
-        and all(fp.hi32_applies(r[0], r[1]) and te_ops.hi32_clip_ok(r[2], r[3]) for r in rqs)
-    )
+    """Whether a kernel's epilogue requantizes in int32 lanes (te_ops.requant_hi32_lanes, where
+    te_ops.hi32_ok)."""
+    return enabled and te_ops.hi32_ok(rqs)
 
 
 def epilogue_arrays(rqs, n: int, hi32: bool) -> list[np.ndarray]:
-    """The int32 arrays a kernel takes for its per-column stages, in order: b and c (N each);
-    with `hi32` b and c - 32 (the shift after the products' high half, an array so that TVM's
-    bound analysis sees a plain load: TVM 0.27 bounds an int32 x >> (c - k) as [-1, 0] and
-    drops a clamp after it), zero padded to whole 32-column blocks (b = 0, shift 1)."""
+    """The int32 arrays a kernel takes for its per-column stages, in order: each stage's
+    te_ops.requant_arrays (N each; with `hi32` b and its shifts, padded to whole 32-column
+    blocks)."""
     out = []
     for rb, rc, *_ in rqs:
-        if not isinstance(rb, np.ndarray):
-            continue
-        b, c = (np.broadcast_to(np.asarray(v, np.int64), (n,)) for v in (rb, rc))
-        if not hi32:
-            out += [b.astype(np.int32), c.astype(np.int32)]
-            continue
-        np_ = round_up(n, BLOCK)
-        bp, shp = np.zeros(np_, np.int32), np.ones(np_, np.int32)
-        bp[:n], shp[:n] = b, fp.hi32_shift(b, c) - 32
-        out += [bp, shp]
+        if isinstance(rb, np.ndarray):
+            out += te_ops.requant_arrays(rb, rc, n, hi32, round_up(n, BLOCK))
     return out
 
 
@@ -355,7 +341,7 @@ def gemm_amx_func(
                     rb = T.arg(f"rq{i}_b", T.buffer((size,), "int32"))
                     rc = T.arg(f"rq{i}_{'sh' if hi32 else 'c'}", T.buffer((size,), "int32"))
                 elif hi32:
-                    rc = int(fp.hi32_shift(rb, rc)) - 32
+                    rc = te_ops.hi32_sh(rb, rc)
                 stages.append((rb, rc, lo, hi, dt))
             y = T.arg("y", T.buffer((yl.size,), out_dtype))
             rq = (stages, hi32)

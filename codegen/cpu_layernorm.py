@@ -28,7 +28,6 @@ intrinsics): it runs, and is tested against the reference, on any CPU.
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.tirx.script.builder import ir as T
@@ -41,10 +40,6 @@ from intq.ops import fixedpoint as fp
 VEC = 16  # int32 lanes per vector
 MAX_BITS = 16  # element width the kernel handles: |s| <= 2^15, so s * s <= 2^30 fits int32
 MAX_ROW = 1 << 20  # a lane's share of the row sum, n / 16 values of |s| <= 2^15, fits int32
-
-
-def _bits(dtype: str) -> int:
-    return tvm.DataType(dtype).bits
 
 
 def _within16(lo: int, hi: int) -> bool:
@@ -61,10 +56,19 @@ def _operand_fits(dtype: str, rq) -> bool:
     return _within16(*fp.dtype_bounds(out)) or _within16(min(lo, hi), max(lo, hi))
 
 
-def applies(n: int, x_dtypes: list[str], add: RowAdd | None, sum_dtype: str) -> bool:
+def _numerator_bits(sum_dtype: str, frac_bits: int) -> int:
+    """The bits of the numerators (x - mean) << frac_bits that the row's magic divisor takes."""
+    return te_ops.layernorm_in_bits(sum_dtype) + frac_bits
+
+
+def applies(
+    n: int, x_dtypes: list[str], add: RowAdd | None, sum_dtype: str, frac_bits: int
+) -> bool:
     """Whether `layernorm_rows_func` handles this LayerNorm (else the TE kernel)."""
     if n % VEC or n >= MAX_ROW or not _within16(*fp.dtype_bounds(sum_dtype)):
         return False
+    if fp.row_div_bits(_numerator_bits(sum_dtype, frac_bits), core.LN_STD_BITS) is None:
+        return False  # no per-row magic divisor
     if add is None:
         return len(x_dtypes) == 1
     return len(x_dtypes) == 2 and all(
@@ -103,23 +107,22 @@ def layernorm_rows_func(
     keep_sum: bool = True,
     affine_i32: bool = False,
     rq=None,
-    rq_hi32: bool = False,
     name: str = "int_layernorm_rows",
 ) -> tirx.PrimFunc:
-    """PrimFunc(x..., gamma: int32[n], beta: int32[n], [rq_b, rq_c: int32[n]], [sum], y) over
-    flat [rows * n] buffers: x = the add's operands (or the LayerNorm's input), sum (with `add`
-    and `keep_sum`) the IntAdd's output, y the LayerNorm's (int32), or its Requantize's when
-    `rq` = (b, c, lo, hi, dtype) is given: b, c python ints (per tensor) or None (per channel:
-    the int32 arrays rq_b, rq_c are parameters (`rq_arrays`); with `rq_hi32` rq_c holds
-    hi32_shift(b, c) - 32). `rq_hi32`: the high-half form applies (`hi32_ok`). `affine_i32`:
-    the caller proved q * gamma + beta fits in int32 (core.layernorm_affine_fits_int32)."""
-    in_bits = 8 * (_bits(sum_dtype) // 8)
-    a_bits = in_bits + frac_bits
+    """PrimFunc(x..., gamma: int32[n], beta: int32[n], [rq_b, rq_c], [sum], y) over flat
+    [rows * n] buffers: x = the add's operands (or the LayerNorm's input), sum (with `add` and
+    `keep_sum`) the IntAdd's output, y the LayerNorm's (int32), or its Requantize's when `rq` =
+    (b, c, lo, hi, dtype) is given: b, c python ints (per tensor) or int32 arrays [n] (per
+    channel: rq_b, rq_c = `rq_arrays(rq, n)` are parameters). The Requantize runs in int32 lanes
+    where te_ops.hi32_ok. `affine_i32`: the caller proved q * gamma + beta fits in int32
+    (core.layernorm_affine_fits_int32)."""
+    a_bits = _numerator_bits(sum_dtype, frac_bits)
     if fp.row_div_bits(a_bits, core.LN_STD_BITS) is None:
         raise ValueError(f"{name}: no row magic divisor for {a_bits}-bit numerators")
     size = rows * n
     y_dtype = rq[4] if rq is not None else "int32"
-    per_channel = rq is not None and rq[0] is None
+    per_channel = rq is not None and isinstance(rq[0], np.ndarray)
+    hi32 = rq is not None and te_ops.hi32_ok([rq])
     with IRBuilder() as ib:
         with T.prim_func(private=True):
             T.func_name(name)
@@ -155,7 +158,6 @@ def layernorm_rows_func(
                                 for x, dt, q in zip(xs, x_dtypes, add.rqs, strict=True)
                             )
                             s = tirx.min(tirx.max(a + b, add.lo), add.hi)
-                        if add is not None:
                             T.buffer_store(row, s.astype(sum_dtype), [at + jo * VEC + j])
                         T.buffer_store(acc1, acc1[j] + s, [j])
                         T.buffer_store(acc2, acc2[j] + (s * s).astype("int64"), [j])
@@ -165,7 +167,7 @@ def layernorm_rows_func(
                 with T.serial(0, n // VEC) as jo:
                     _normalise(
                         y, src, src_at, r * n, jo * VEC, st, gamma, beta, frac_bits,
-                        affine_i32, rq, rq_b, rq_c, rq_hi32, vbuf,
+                        affine_i32, rq, rq_b, rq_c, hi32, vbuf,
                     )  # fmt: skip
     return ib.get()
 
@@ -213,31 +215,23 @@ def _normalise(
         if rq is None:
             T.buffer_store(y, v, [y_at + c])
         elif not hi32:
-            rb, rc = (rq_b, rq_c) if rq[0] is None else rq[:2]
+            rb, rc = (rq_b, rq_c) if rq_b is not None else rq[:2]
             T.buffer_store(y, te_ops.requant_expr(v, rb, rc, *rq[2:], ch=c), [y_at + c])
         else:
             T.buffer_store(vbuf, v, [j])
     if rq is not None and hi32:
         lanes = tirx.Ramp(j0, 1, VEC)
-        if rq[0] is None:  # rq_c holds c - 32 (a load: see te_ops.requant_hi32_lanes)
+        if rq_b is not None:  # rq_c holds the shifts (a load: see te_ops.requant_hi32_lanes)
             bv, sh = rq_b[lanes], rq_c[lanes]
         else:
-            bv, sh = int(rq[0]), int(fp.hi32_shift(rq[0], rq[1])) - 32
+            bv, sh = int(rq[0]), te_ops.hi32_sh(rq[0], rq[1])
         v = te_ops.requant_hi32_lanes(vbuf[tirx.Ramp(0, 1, VEC)], bv, sh, rq[2], rq[3], VEC)
         T.buffer_store(y, v.astype(f"{rq[4]}x{VEC}"), [tirx.Ramp(y_at + j0, 1, VEC)])
 
 
-def hi32_ok(rq) -> bool:
-    """Whether the output Requantize (b, c, lo, hi, dtype) runs in the high-half form
-    (te_ops.requant_hi32_lanes)."""
-    return fp.hi32_applies(rq[0], rq[1]) and te_ops.hi32_clip_ok(rq[2], rq[3])
-
-
-def rq_arrays(rq, n: int, hi32: bool) -> list[np.ndarray]:
-    """The per-channel Requantize's (b, c) parameters, int32 [n]; with `hi32` (b,
-    hi32_shift(b, c) - 32)."""
-    b = np.broadcast_to(np.asarray(rq[0], np.int64), (n,))
-    c = np.broadcast_to(np.asarray(rq[1], np.int64), (n,))
-    if hi32:
-        c = fp.hi32_shift(b, c) - 32
-    return [b.astype(np.int32), c.astype(np.int32)]
+def rq_arrays(rq, n: int) -> list[np.ndarray]:
+    """The parameters rq_b, rq_c of a per-channel Requantize rq (te_ops.requant_arrays, in the
+    form the kernel applies it in); none for a per-tensor one."""
+    if not isinstance(rq[0], np.ndarray):
+        return []
+    return te_ops.requant_arrays(rq[0], rq[1], n, te_ops.hi32_ok([rq]))

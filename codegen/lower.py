@@ -594,16 +594,12 @@ def _int_add(ctx: LowerCtx, node, attrs):
             rqs.append(None)
     ln = _layernorm_reader(ctx, node)
     if ln is not None:  # the residual add and the LayerNorm that reads it: one row pass
-        ra = te_ops.RowAdd(tuple(rqs), dt, lo, hi)  # the add as data (a library's row kernel)
-
-        def add(a, b):  # "_row": computed per row inside the LayerNorm's row loop
-            return te_ops.int_add(a, b, shape, ra.dtype, ra.lo, ra.hi, *ra.rqs, name="int_add_row")
-
+        add = te_ops.RowAdd(tuple(rqs), dt, lo, hi)
         out = node.output[0]
         keep = out in ctx.graph_outputs or len(ctx.consumers.get(out, [])) > 1
         if not keep:  # the LayerNorm is its only reader (post-LN): the sum is never stored
             ctx.skipped.add(out)
-        return _emit_layernorm(ctx, ln, lookup(ln).attrs_of(ln), args, add, keep, ra)
+        return _emit_layernorm(ctx, ln, lookup(ln).attrs_of(ln), args, add, keep)
     return ctx.emit_te(
         lambda a, b: te_ops.int_add(a, b, shape, dt, lo, hi, rqs[0], rqs[1]),
         *args,
@@ -632,14 +628,14 @@ def _int_layernorm(ctx: LowerCtx, node, attrs):
 
 
 def _emit_layernorm(
-    ctx: LowerCtx, node, attrs, x_args: list, add=None, keep_sum: bool = True, row_add=None
+    ctx: LowerCtx, node, attrs, x_args: list, add: te_ops.RowAdd | None = None, keep_sum=True
 ) -> relax.Expr:
-    """One LayerNorm kernel; a following Requantize that alone reads the output runs in its
-    last stage. `add` (te.Tensors of `x_args` -> te.Tensor): the LayerNorm's input computed in
-    the same kernel (fused IntAdd), row by row, `row_add` (te_ops.RowAdd) the same add as data
-    for a kernel library's own row kernel (`layernorm_rows`, tried first); with `keep_sum` the
-    kernel has two outputs, the sum (returned: the IntAdd's value) and the LayerNorm (bound to
-    `node`'s output), else the LayerNorm alone (returned and bound)."""
+    """One LayerNorm kernel (the kernel library's `layernorm_rows` where it has one and it
+    applies, else TE stages); a following Requantize that alone reads the output runs in its
+    last stage. `add`: the LayerNorm's input is that IntAdd of `x_args`, computed in the same
+    kernel row by row; with `keep_sum` the kernel has two outputs, the sum (returned: the
+    IntAdd's value) and the LayerNorm (bound to `node`'s output), else the LayerNorm alone
+    (returned and bound)."""
     kw = dict(eps=int(attrs["epsilon"]), frac_bits=int(attrs["frac_bits"]))
     kw["narrow"] = bool(getattr(ctx.kernels, "narrow_layernorm", False))
     shape = ctx.shapes[node.output[0]]
@@ -648,7 +644,10 @@ def _emit_layernorm(
     rq_args = [relax.const(v) for v in rq[:2]] if rq and isinstance(rq[0], np.ndarray) else []
 
     def kernel(*ts):
-        x = add(*ts[: len(x_args)]) if add is not None else ts[0]
+        x = ts[0]
+        if add is not None:  # "_row": computed per row inside the LayerNorm's row loop
+            a, b = ts[:2]
+            x = te_ops.int_add(a, b, shape, add.dtype, add.lo, add.hi, *add.rqs, name="int_add_row")
         g, b, *trq = ts[len(x_args) :]
         r = (*trq, *rq[2:]) if trq else rq
         y = te_ops.int_layernorm(x, g, b, rq=r, **kw)
@@ -657,8 +656,8 @@ def _emit_layernorm(
     name = ("int_add_" if add is not None else "") + "int_layernorm" + ("_rq" if rq else "")
     gamma, beta = (ctx.value(i) for i in node.input[1:3])
     pair = None  # (the sum or None, the LayerNorm's output)
-    if hasattr(ctx.kernels, "layernorm_rows") and (add is None or row_add is not None):
-        pair = ctx.kernels.layernorm_rows(ctx, node, x_args, row_add, keep_sum, rq, name)
+    if hasattr(ctx.kernels, "layernorm_rows"):
+        pair = ctx.kernels.layernorm_rows(ctx, node, x_args, add, keep_sum, rq, name)
     if pair is None:
         out = ctx.emit_te(kernel, *x_args, gamma, beta, *rq_args, name=name)
         pair = (None, out)

@@ -77,6 +77,33 @@ def hi32_clip_ok(lo: int, hi: int) -> bool:
     return i32_lo <= int(lo) <= int(hi) <= i32_hi
 
 
+def hi32_ok(rqs) -> bool:
+    """Whether every Requantize stage (b, c, lo, hi, dtype) of `rqs` (b, c ints or per-channel
+    arrays) runs in requant_hi32_lanes: fixedpoint.hi32_applies(b, c), hi32_clip_ok(lo, hi)."""
+    return bool(rqs) and all(
+        fp.hi32_applies(b, c) and hi32_clip_ok(lo, hi) for b, c, lo, hi, _ in rqs
+    )
+
+
+def hi32_sh(b, c):
+    """The shift requant_hi32_lanes takes for multiplier(s) b / 2^c: hi32_shift(b, c) - 32 (an
+    int for ints, else an int32 array)."""
+    sh = fp.hi32_shift(b, c) - 32
+    return int(sh) if sh.ndim == 0 else sh.astype(np.int32)
+
+
+def requant_arrays(b, c, n: int, hi32: bool, size: int | None = None) -> list[np.ndarray]:
+    """A per-channel Requantize's parameters as a kernel takes them, int32: b and c [n]; with
+    `hi32` b and hi32_sh(b, c) (an array, so that TVM's bound analysis sees a plain load, see
+    requant_hi32_lanes), zero padded to `size` (b = 0, shift 1: those lanes compute 0)."""
+    b, c = (np.broadcast_to(np.asarray(v, np.int64), (n,)) for v in (b, c))
+    if not hi32:
+        return [b.astype(np.int32), c.astype(np.int32)]
+    bp, shp = np.zeros(size or n, np.int32), np.ones(size or n, np.int32)
+    bp[:n], shp[:n] = b, hi32_sh(b, c)
+    return [bp, shp]
+
+
 def requant_hi32_lanes(x, b, sh, lo: int, hi: int, n: int):
     """fixedpoint.requantize_dyadic_hi32 on an int32 vector `x` of n lanes (n even; TIR), the
     result int32 (clamped to [lo, hi]); `b` and `sh` = c - 32: python ints or int32 vectors of n
@@ -206,6 +233,12 @@ def isqrt_stage(root: te.Tensor, prev: te.Tensor | None, n: te.Tensor):
     return f
 
 
+def layernorm_in_bits(dtype: str) -> int:
+    """The `in_bits` of core.layernorm_core for a LayerNorm input of `dtype` (8 per byte, as the
+    reference takes it from the input's itemsize)."""
+    return 8 * (tvm.DataType(dtype).bits // 8)
+
+
 def int_layernorm(
     x: te.Tensor,
     gamma: te.Tensor,
@@ -225,7 +258,7 @@ def int_layernorm(
     AVX-512 Xeon 54 -> 51 us; on a 2-core AVX2 CPU it was slower (benchmarks/cpu_rows.py), so
     cpu-int8 uses it on AVX-512 targets only."""
     n = int(x.shape[-1])
-    in_bits = 8 * (tvm.DataType(x.dtype).bits // 8)
+    in_bits = layernorm_in_bits(x.dtype)
     # 32-bit lanes where exact: the row sum while n * 2^(in_bits - 1) < 2^31; the square of
     # x - mean while |x - mean| < 2^in_bits <= 2^16, as a uint32 product (< 2^32; modular
     # uint32 arithmetic gives it exactly), widened to int64 for the row's sum

@@ -18,7 +18,7 @@ import onnx
 import pytest
 import tvm
 
-from intq.codegen import compat, cpu_layernorm
+from intq.codegen import compat, cpu_layernorm, te_ops
 from intq.codegen.te_ops import RowAdd
 from intq.ir import INTQ_DOMAIN
 from intq.ops import core, lookup
@@ -148,7 +148,7 @@ def test_row_kernel_equals_reference(name, keep_sum):
         add = RowAdd(tuple(rqs), sum_dt, lo, hi)
         x = _ref("IntAdd", ops, to=TO[sum_dt])
     y = _ref("IntLayerNorm", [x, gamma, beta], axis=-1, epsilon=case.eps, frac_bits=case.frac)
-    krq, rq_args, hi32 = None, [], False
+    krq, rq_args = None, []
     if case.rq is not None:
         kind, b, c, dt, *clip = case.rq
         lo_r, hi_r = clip[0] if clip else fp.dtype_bounds(dt)
@@ -164,16 +164,15 @@ def test_row_kernel_equals_reference(name, keep_sum):
             if kind == "pt"
             else (b_arr, c_arr, lo_r, hi_r, dt)
         )
-        hi32 = cpu_layernorm.hi32_ok(krq)
-        if kind == "pc":
-            krq = (None, None, lo_r, hi_r, dt)
-            rq_args = cpu_layernorm.rq_arrays((b_arr, c_arr), n, hi32)
+        rq_args = cpu_layernorm.rq_arrays(krq, n)
+        if name.endswith(("rq_hi32", "rq_int64")):  # the form the case is meant to take
+            assert te_ops.hi32_ok([krq]) == name.endswith("hi32")
     affine = core.layernorm_affine_fits_int32(gamma, beta, n, case.eps, case.frac, in_bits)
     assert affine == (case.gamma in (2000,))  # the proof holds for the small gammas only
     keep = add is not None and keep_sum
     func = cpu_layernorm.layernorm_rows_func(
         rows, n, x_dtypes, sum_dt, eps=case.eps, frac_bits=case.frac, add=add, keep_sum=keep,
-        affine_i32=affine, rq=krq, rq_hi32=hi32,
+        affine_i32=affine, rq=krq,
     )  # fmt: skip
     outs = ([((rows, n), sum_dt)] if keep else []) + [((rows, n), y.dtype)]
     got = _run(func, [*xs, gamma, beta, *rq_args], outs)
@@ -289,18 +288,19 @@ def test_q_bound_holds_and_is_tight(eps, n, frac, in_bits):
 
 def test_applies_only_where_the_kernel_is_exact():
     add = RowAdd((None, None), "int16", -32768, 32767)
-    assert cpu_layernorm.applies(384, ["int16", "int16"], add, "int16")
-    assert not cpu_layernorm.applies(100, ["int16", "int16"], add, "int16")  # n % 16
-    assert not cpu_layernorm.applies(384, ["int16", "int32"], add, "int16")  # no Requantize
+    assert cpu_layernorm.applies(384, ["int16", "int16"], add, "int16", 10)
+    assert not cpu_layernorm.applies(100, ["int16", "int16"], add, "int16", 10)  # n % 16
+    assert not cpu_layernorm.applies(384, ["int16", "int32"], add, "int16", 10)  # no Requantize
     wide = RowAdd((None, (1 << 30, 40, -(2**31), 2**31 - 1, "int32")), "int16", -32768, 32767)
-    assert not cpu_layernorm.applies(384, ["int16", "int32"], wide, "int16")
-    assert not cpu_layernorm.applies(384, ["int32"], None, "int32")
+    assert not cpu_layernorm.applies(384, ["int16", "int32"], wide, "int16", 10)
+    assert not cpu_layernorm.applies(384, ["int32"], None, "int32", 10)
+    assert not cpu_layernorm.applies(384, ["int16"], None, "int16", 20)  # no row magic divisor
     # an int32 operand Requantized near int32's minimum: a' + b' could overflow int32
     low = RowAdd((None, (1 << 30, 40, -(2**31), -(2**31) + 5, "int32")), "int16", -32768, 32767)
-    assert not cpu_layernorm.applies(384, ["int16", "int32"], low, "int16")
+    assert not cpu_layernorm.applies(384, ["int16", "int32"], low, "int16", 10)
     # ... and one Requantized into int8 (whatever its clip, the value is an int8)
     to8 = RowAdd((None, (1 << 30, 40, -128, 127, "int8")), "int16", -32768, 32767)
-    assert cpu_layernorm.applies(384, ["int16", "int32"], to8, "int16")
+    assert cpu_layernorm.applies(384, ["int16", "int32"], to8, "int16", 10)
 
 
 @pytest.mark.parametrize("gscale,clip_min", [(2000, None), (1 << 20, None), (2000, 1 << 31)])
