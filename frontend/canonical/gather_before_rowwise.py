@@ -92,7 +92,7 @@ class GatherBeforeRowwise(PatternPass):
         """Why p's output row `axis` is not a function of its inputs' same row (None if it
         is)."""
         if p.op_type == "LayerNormalization":
-            ln_axis = next((a.i for a in p.attribute if a.name == "axis"), -1) % rank
+            ln_axis = _axis(p, default=-1) % rank
             if axis >= ln_axis:
                 return f"it normalizes over axis {axis}"
             if len(p.output) > 1 and any(p.output[1:]):
@@ -112,8 +112,8 @@ class GatherBeforeRowwise(PatternPass):
         return None
 
 
-def _axis(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+def _axis(node: onnx.NodeProto, default: int = 0) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), default)
 
 
 def _same_gather(ctx: Ctx, a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
